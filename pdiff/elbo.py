@@ -1,0 +1,136 @@
+r"""The variational bound, term by term, per example (Ho et al. eq. 5), in nats.
+
+    -log p_theta(x_0) <= L_T + sum_{t=2}^T L_{t-1} + L_0
+    L_T     = KL(q(x_T | x_0) || p(x_T))
+    L_{t-1} = E_q KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t))   t = 2..T
+    L_0     = E_q [-log p_theta(x_0 | x_1)]
+
+"The term of step t" below means L_{t-1} (t >= 2) or L_0 (t = 1). Each is estimated with one draw
+x_t ~ q(x_t | x_0); the KLs are analytic, through ``kl_divergence``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.distributions import kl_divergence
+
+from .distributions.forward import ForwardChain, q_marginal, q_posterior
+from .distributions.reverse import ReverseOutput, ReverseProcess
+from .parameterization import xt_from_x0
+
+
+@dataclass
+class Bound:
+    """All terms of the bound for N examples, in nats summed over data dimensions.
+
+    ``prior``: L_T, shape (N,). ``terms``: shape (N, T), column t - 1 is the term of step t
+    (column 0 is L_0).
+    """
+
+    prior: torch.Tensor
+    terms: torch.Tensor
+
+    @property
+    def total(self) -> torch.Tensor:
+        """The bound on -log p_theta(x_0) per example, shape (N,)."""
+        return self.prior + self.terms.sum(-1)
+
+
+def prior_term(model: ReverseProcess, x0: torch.Tensor) -> torch.Tensor:
+    """L_T = KL(q(x_T | x_0) || N(0, I)), shape ``batch_shape``."""
+    T = model.num_timesteps
+    q = q_marginal(model.schedule, x0, T, event_dims=model.event_dims)
+    return kl_divergence(q, model.prior(x0))
+
+
+def step_term(model: ReverseProcess, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, *,
+              out: ReverseOutput | None = None, detach_mean: bool = False) -> torch.Tensor:
+    """The term of step t at the given x_t: KL(q(x_{t-1}|x_t,x_0) || p_theta(x_{t-1}|x_t)) for
+    t >= 2 and -log p_theta(x_0 | x_1) for t = 1; ``t`` may mix steps. Shape ``batch_shape``."""
+    t = model.schedule.check_t(t).to(x0.device).expand(x0.shape[: x0.dim() - model.event_dims])
+    out = model.output(xt, t) if out is None else out
+    result = x0.new_empty(t.shape)
+    first = t == 1
+    if first.any():
+        p0 = model.decoder(xt[first], out=out[first], detach_mean=detach_mean)
+        result[first] = -p0.log_prob(x0[first])
+    rest = ~first
+    if rest.any():
+        q = q_posterior(model.schedule, x0[rest], xt[rest], t[rest], event_dims=model.event_dims)
+        p = model.transition(xt[rest], None, out=out[rest], detach_mean=detach_mean)
+        result[rest] = kl_divergence(q, p)
+    return result
+
+
+def sample_xt(model: ReverseProcess, x0: torch.Tensor, t: torch.Tensor,
+              generator: torch.Generator | None = None):
+    """x_t ~ q(x_t | x_0) by eq. 4; returns (x_t, eps)."""
+    eps = torch.randn(x0.shape, dtype=x0.dtype, device=x0.device, generator=generator)
+    return xt_from_x0(model.schedule, x0, t, eps, model.event_dims), eps
+
+
+def full_bound(model: ReverseProcess, x0: torch.Tensor, *, chunk_size: int = 65536,
+               generator: torch.Generator | None = None) -> Bound:
+    """Every term of the bound for every example (the evaluation estimator), with no gradients.
+
+    The N x T (example, step) pairs are flattened and evaluated ``chunk_size`` at a time, so memory
+    is bounded by the chunk, not by T x N. Each term uses its own draw of x_t ~ q(x_t | x_0).
+    """
+    T, d = model.num_timesteps, model.event_dims
+    batch_shape = x0.shape[: x0.dim() - d]
+    if len(batch_shape) != 1:
+        raise ValueError(f"full_bound takes a batch of examples, shape (N,) + event_shape; got "
+                         f"{tuple(x0.shape)} with {d} event dimensions")
+    N = batch_shape[0]
+    terms = x0.new_empty(N * T)
+    with torch.no_grad():
+        for start in range(0, N * T, chunk_size):
+            idx = torch.arange(start, min(start + chunk_size, N * T), device=x0.device)
+            n, t = idx // T, idx % T + 1  # row-major over (N, T)
+            x0_c = x0[n]
+            xt, _ = sample_xt(model, x0_c, t, generator)
+            terms[idx] = step_term(model, x0_c, xt, t)
+        prior = prior_term(model, x0)
+    return Bound(prior=prior, terms=terms.reshape(N, T))
+
+
+def sampled_bound(model: ReverseProcess, x0: torch.Tensor, t: torch.Tensor, weights: torch.Tensor,
+                  *, generator: torch.Generator | None = None, detach_mean: bool = False):
+    """The unbiased one-step estimator L_T + T w_t L_{t-1}, t drawn by a sampler with weights
+    w_t = 1 / (T p_t) (1 for uniform t). Returns (estimate, term), both shape ``batch_shape``."""
+    xt, _ = sample_xt(model, x0, t, generator)
+    term = step_term(model, x0, xt, t, detach_mean=detach_mean)
+    return prior_term(model, x0) + model.num_timesteps * weights * term, term
+
+
+def trajectory_bound(model: ReverseProcess, x0: torch.Tensor, *,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    r"""The Monte Carlo bound over one forward trajectory x_{1:T} ~ q(x_{1:T} | x_0):
+
+        -log p(x_T) - sum_{t=1}^T log [p_theta(x_{t-1} | x_t) / q(x_t | x_{t-1})]   (Ho et al. eq. 3)
+
+    Its expectation is the bound; the network is evaluated at all T steps in one batch.
+    Shape ``batch_shape``.
+    """
+    d, T = model.event_dims, model.num_timesteps
+    chain = ForwardChain(model.schedule, x0, event_dims=d)
+    traj = chain.rsample(generator=generator)  # batch + (T,) + event; index t-1 holds x_t
+    time_axis = traj.dim() - d - 1
+    at = lambda index: (slice(None),) * time_axis + (index,)  # noqa: E731
+    t = torch.arange(1, T + 1, device=x0.device).expand(traj.shape[: time_axis + 1])
+    out = model.output(traj, t)
+    x_T = traj[at(T - 1)]
+    log_p = model.prior(x_T).log_prob(x_T)
+    log_p = log_p + model.decoder(traj[at(0)], out=out[at(0)]).log_prob(x0)
+    if T > 1:
+        later = at(slice(1, None))
+        p = model.transition(traj[later], None, out=out[later])
+        log_p = log_p + p.log_prob(traj[at(slice(0, T - 1))]).sum(-1)
+    return -(log_p - chain.log_prob(traj))
+
+
+def bits_per_dim(nats: torch.Tensor | float, num_dims: int):
+    """nats / (D ln 2)."""
+    return nats / (num_dims * math.log(2))

@@ -1,0 +1,57 @@
+"""The bound of a model on a test set, summarized in the data's own units."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .distributions.reverse import ReverseProcess
+from .elbo import bits_per_dim, full_bound
+
+
+@dataclass
+class BoundReport:
+    """The bound averaged over examples, in nats summed over data dimensions.
+
+    ``nll_nats`` = ``prior_nats`` + sum(``terms_nats``) - ``log_jacobian_nats``: the bound on
+    -log p(x) in the units of the data as given (``log_jacobian_nats`` is sum_d log scale_d of the
+    rescaling the model was trained in, 0 without one). ``terms_nats[t - 1]`` is the mean term of
+    step t (index 0: L_0). ``entropy_nats`` is the data entropy where the density is known, else None.
+    """
+
+    nll_nats: float
+    nll_stderr: float
+    bits_per_dim: float
+    prior_nats: float
+    terms_nats: list[float]
+    log_jacobian_nats: float
+    entropy_nats: float | None
+    entropy_stderr: float | None
+    gap_nats: float | None
+    gap_stderr: float | None
+    num_samples: int
+    dim: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def bound_report(model: ReverseProcess, x: torch.Tensor, *, log_jacobian: float = 0.0,
+                 entropy: tuple[float | None, float | None] = (None, None), chunk_size: int = 65536,
+                 generator: torch.Generator | None = None) -> BoundReport:
+    """Evaluate every term of the bound on the (already rescaled) examples ``x``, shape (N,) + event."""
+    bound = full_bound(model, x, chunk_size=chunk_size, generator=generator)
+    total = bound.total.double() - log_jacobian
+    n = total.shape[0]
+    nll = total.mean().item()
+    stderr = (total.std().item() / math.sqrt(n)) if n > 1 else math.nan
+    dim = x[0].numel()
+    h, h_se = entropy
+    gap = None if h is None else nll - h
+    gap_se = None if h is None else math.sqrt(stderr**2 + h_se**2)
+    return BoundReport(nll_nats=nll, nll_stderr=stderr, bits_per_dim=bits_per_dim(nll, dim),
+                       prior_nats=bound.prior.double().mean().item(),
+                       terms_nats=bound.terms.double().mean(0).tolist(), log_jacobian_nats=log_jacobian,
+                       entropy_nats=h, entropy_stderr=h_se, gap_nats=gap, gap_stderr=gap_se,
+                       num_samples=n, dim=dim)

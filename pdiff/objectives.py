@@ -1,0 +1,172 @@
+r"""Training objectives and timestep samplers.
+
+Every objective has the signature ``loss(model, x0, *, sampler, generator, **options) -> LossOutput``
+and returns a per-example loss (average it over the batch to train):
+
+- ``simple``: the mean over dimensions of ||target - prediction||^2 where the target is what the
+  network predicts (eps for the eps parameterization: Ho et al.'s L_simple, eq. 14; x_0 or the
+  posterior mean otherwise). It does not train a learned variance.
+- ``vlb``: the bound estimator L_T + T w_t L_{t-1} (nats per example; see ``elbo.sampled_bound``).
+- ``hybrid``: simple + lambda T w_t L_{t-1} / (D ln 2) with mu_theta detached inside the bound term,
+  lambda = 0.001 (Nichol & Dhariwal sec. 3.1: the bound term in bits per dimension, so it trains
+  only the variance).
+- ``trajectory``: the Monte Carlo bound over one forward trajectory (``elbo.trajectory_bound``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .distributions.reverse import ReverseProcess
+from .elbo import sample_xt, sampled_bound, step_term, trajectory_bound
+from .parameterization import posterior_mean
+
+OBJECTIVES = ("simple", "vlb", "hybrid", "trajectory")
+SAMPLERS = ("uniform", "importance")
+
+
+@dataclass
+class LossOutput:
+    """``loss``: per-example loss (N,); ``t`` and ``term``: the sampled steps and their bound terms
+    (nats), for the importance sampler (``None`` where the objective samples no single t)."""
+
+    loss: torch.Tensor
+    t: torch.Tensor | None = None
+    term: torch.Tensor | None = None
+
+
+# -- timestep samplers -------------------------------------------------------------------------
+
+class UniformSampler:
+    """t ~ U{1..T}, weights 1."""
+
+    def __init__(self, num_timesteps: int):
+        self.num_timesteps = num_timesteps
+
+    def probs(self) -> torch.Tensor:
+        return torch.full((self.num_timesteps,), 1.0 / self.num_timesteps, dtype=torch.float64)
+
+    def sample(self, n: int, device=None, generator: torch.Generator | None = None):
+        """(t, w): n steps in 1..T drawn with ``probs`` and their weights 1 / (T p_t)."""
+        p = self.probs()
+        idx = torch.multinomial(p, n, replacement=True, generator=generator)
+        weights = 1.0 / (self.num_timesteps * p[idx])
+        return (idx + 1).to(device), weights.to(device=device, dtype=torch.get_default_dtype())
+
+    def update(self, t: torch.Tensor, term: torch.Tensor) -> None:
+        """Uniform sampling keeps no statistics."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class ImportanceSampler(UniformSampler):
+    """p_t proportional to sqrt(E[L_t^2]) over the last ``history`` values of each term, uniform until
+    every t has ``history`` values, mixed with ``uniform_prob`` of uniform (Nichol & Dhariwal sec. 3.3)."""
+
+    def __init__(self, num_timesteps: int, history: int = 10, uniform_prob: float = 0.001):
+        super().__init__(num_timesteps)
+        self.history, self.uniform_prob = history, uniform_prob
+        self.values = torch.zeros(num_timesteps, history, dtype=torch.float64)
+        self.counts = torch.zeros(num_timesteps, dtype=torch.long)
+
+    def warmed_up(self) -> bool:
+        return bool((self.counts >= self.history).all())
+
+    def probs(self) -> torch.Tensor:
+        if not self.warmed_up():
+            return super().probs()
+        p = (self.values**2).mean(-1).sqrt()
+        p = p / p.sum()
+        return p * (1 - self.uniform_prob) + self.uniform_prob / self.num_timesteps
+
+    def update(self, t: torch.Tensor, term: torch.Tensor) -> None:
+        """Record the bound terms ``term`` (nats) observed at steps ``t``."""
+        for step, value in zip(t.detach().cpu().tolist(), term.detach().cpu().double().tolist()):
+            i = step - 1
+            if self.counts[i] >= self.history:
+                self.values[i] = torch.roll(self.values[i], -1)
+                self.values[i, -1] = value
+            else:
+                self.values[i, self.counts[i]] = value
+                self.counts[i] += 1
+
+    def state_dict(self) -> dict:
+        return {"values": self.values.clone(), "counts": self.counts.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.values, self.counts = state["values"].clone(), state["counts"].clone()
+
+
+def make_sampler(name: str, num_timesteps: int) -> UniformSampler:
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown timestep sampler {name!r}; valid: {', '.join(SAMPLERS)}")
+    return ImportanceSampler(num_timesteps) if name == "importance" else UniformSampler(num_timesteps)
+
+
+# -- objectives --------------------------------------------------------------------------------
+
+def _mean_over_event(x: torch.Tensor, event_dims: int) -> torch.Tensor:
+    return x.flatten(x.dim() - event_dims).mean(-1)
+
+
+def _squared_error(model: ReverseProcess, out, x0, xt, t, eps) -> torch.Tensor:
+    """Mean over dimensions of (target - prediction)^2, the target being what the network predicts."""
+    if model.prediction == "eps":
+        target = eps
+    elif model.prediction == "x0":
+        target = x0
+    else:
+        target = posterior_mean(model.schedule, x0, xt, t, model.event_dims)
+    return _mean_over_event((out.prediction - target) ** 2, model.event_dims)
+
+
+def simple_loss(model: ReverseProcess, x0, *, sampler, generator=None, **_) -> LossOutput:
+    """L_simple = E ||target - prediction||^2 averaged over dimensions (Ho et al. eq. 14)."""
+    t, _w = sampler.sample(x0.shape[0], x0.device, generator)
+    xt, eps = sample_xt(model, x0, t, generator)
+    out = model.output(xt, t)
+    return LossOutput(_squared_error(model, out, x0, xt, t, eps), t)
+
+
+def vlb_loss(model: ReverseProcess, x0, *, sampler, generator=None, **_) -> LossOutput:
+    """The bound L_T + T w_t L_{t-1} with t from ``sampler`` (nats per example)."""
+    t, w = sampler.sample(x0.shape[0], x0.device, generator)
+    estimate, term = sampled_bound(model, x0, t, w, generator=generator)
+    return LossOutput(estimate, t, term)
+
+
+def hybrid_loss(model: ReverseProcess, x0, *, sampler, generator=None,
+                hybrid_weight: float = 0.001, **_) -> LossOutput:
+    """L_simple + lambda L_vlb, the bound term in bits per dimension with mu_theta detached."""
+    t, w = sampler.sample(x0.shape[0], x0.device, generator)
+    xt, eps = sample_xt(model, x0, t, generator)
+    out = model.output(xt, t)
+    simple = _squared_error(model, out, x0, xt, t, eps)
+    term = step_term(model, x0, xt, t, out=out, detach_mean=True)
+    num_dims = x0[0].numel()
+    vlb = model.num_timesteps * w * term / (num_dims * math.log(2))
+    return LossOutput(simple + hybrid_weight * vlb, t, term.detach())
+
+
+def trajectory_loss(model: ReverseProcess, x0, *, sampler=None, generator=None, **_) -> LossOutput:
+    """The Monte Carlo bound over one sampled forward trajectory (nats per example)."""
+    return LossOutput(trajectory_bound(model, x0, generator=generator))
+
+
+LOSSES: dict[str, Callable[..., LossOutput]] = {
+    "simple": simple_loss, "vlb": vlb_loss, "hybrid": hybrid_loss, "trajectory": trajectory_loss,
+}
+
+
+def get_objective(name: str) -> Callable[..., LossOutput]:
+    """The loss function of objective ``name``; ``ValueError`` naming the valid ones otherwise."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown objective {name!r}; valid: {', '.join(OBJECTIVES)}")
+    return LOSSES[name]

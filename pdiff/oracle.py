@@ -1,0 +1,41 @@
+r"""The Bayes-optimal denoiser for Gaussian-mixture data, as a network-shaped callable.
+
+If x_0 ~ sum_k w_k N(mu_k, diag s_k^2) then x_t | k ~ N(sqrt(ab) mu_k, diag(ab s_k^2 + 1 - ab)) with
+ab = alpha_bar_t, so with responsibilities r_k(x_t) = p(k | x_t),
+
+    E[x_0 | x_t] = sum_k r_k(x_t) [mu_k + sqrt(ab) s_k^2 / (ab s_k^2 + 1 - ab) (x_t - sqrt(ab) mu_k)].
+
+The optimal Gaussian mean of p_theta(x_{t-1} | x_t) under the bound is E_q[x_{t-1} | x_t] =
+mu_tilde_t(x_t, E[x_0 | x_t]), which is what an x0-predicting ``ReverseProcess`` around this oracle
+computes: its bound is the bound of the best possible mean for a given schedule and variance.
+"""
+from __future__ import annotations
+
+import torch
+
+from .data.mixture import GaussianMixture
+from .schedules import NoiseSchedule
+
+
+class MixtureDenoiser:
+    """``net(x_t, t) -> E[x_0 | x_t]`` for mixture data; use with ``prediction="x0"``.
+
+    ``t`` indexes ``schedule`` (1..T); ``x_t`` has shape ``batch_shape + (D,)``.
+    """
+
+    prediction = "x0"
+
+    def __init__(self, mixture: GaussianMixture, schedule: NoiseSchedule):
+        self.mixture, self.schedule = mixture, schedule
+
+    def __call__(self, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        m = self.mixture
+        ab = self.schedule.tensor("alpha_bar", xt.device, xt.dtype)[t]  # batch_shape
+        means = m.means.to(xt)
+        var0 = m.stds.to(xt) ** 2
+        log_r = m.component_log_prob(xt, ab.sqrt(), 1 - ab)  # (..., K)
+        r = torch.softmax(log_r, dim=-1)
+        a = ab.sqrt()[..., None, None]
+        gain = a * var0 / (a**2 * var0 + 1 - a**2)  # (..., K, D)
+        x0_k = means + gain * (xt.unsqueeze(-2) - a * means)
+        return (r.unsqueeze(-1) * x0_k).sum(-2)
