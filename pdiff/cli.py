@@ -15,7 +15,7 @@ from .data.toy import toy_split
 from .distributions import DECODER_VARIANCES, FIXED_VARIANCES
 from .evaluation import BoundReport, bound_report
 from .oracle import MixtureDenoiser
-from .schedules import SCHEDULES, make_schedule
+from .schedules import SCHEDULES, NoiseSchedule, make_schedule
 from .distributions.reverse import ReverseProcess
 
 DENOISERS = ("oracle",)
@@ -35,22 +35,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _load_points(path: str) -> torch.Tensor:
-    """Points from a .npy file or a whitespace/comma-separated text file, one example a row."""
+def _load_array(path: str) -> torch.Tensor:
+    """An array from a .npy file or a whitespace/comma-separated text file, one example a row."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"data file {path!r} does not exist")
+        raise UserError(f"file {path!r} does not exist")
     try:
         if p.suffix == ".npy":
             arr = np.load(p, allow_pickle=False)
         else:
             arr = np.loadtxt(p, delimiter="," if p.suffix == ".csv" else None, ndmin=2)
     except (ValueError, OSError) as e:
-        raise UserError(f"could not read data file {path!r} (.npy or numeric text expected): {e}") from None
+        raise UserError(f"could not read {path!r} (.npy or numeric text expected): {e}") from None
     if arr.ndim == 1:
         arr = arr[:, None]
     if not np.issubdtype(arr.dtype, np.number):
-        raise UserError(f"data file {path!r} holds {arr.dtype} values, expected numbers")
+        raise UserError(f"{path!r} holds {arr.dtype} values, expected numbers")
     return torch.as_tensor(arr, dtype=torch.float64)
 
 
@@ -66,11 +66,14 @@ def cmd_evaluate(args) -> int:
                         f"{', '.join(FIXED_VARIANCES)}, got {args.variance!r}")
     dim = data.event_shape[0]
     if args.data_file:
-        x = check_data(_load_points(args.data_file), dim, what=f"data in {args.data_file!r}")
+        x = check_data(_load_array(args.data_file), dim, what=f"data in {args.data_file!r}")
     else:
         _, x = toy_split(data, 0, args.samples, args.seed)
     rescaling = fit_rescaling(args.rescale, data, dim)
-    schedule = make_schedule(args.schedule, args.timesteps)
+    if args.betas:
+        schedule = NoiseSchedule.from_betas(_load_array(args.betas).flatten())
+    else:
+        schedule = make_schedule(args.schedule, args.timesteps)
     model = ReverseProcess(MixtureDenoiser(rescaling.mixture(data), schedule), schedule,
                            prediction="x0", variance=args.variance,
                            decoder_variance=args.decoder_variance)
@@ -80,7 +83,8 @@ def cmd_evaluate(args) -> int:
                           entropy=entropy, chunk_size=args.chunk_size,
                           generator=torch.Generator().manual_seed(args.seed))
     result = report.to_dict() | {"data": args.data, "denoiser": args.denoiser,
-                                 "schedule": args.schedule, "timesteps": args.timesteps,
+                                 "schedule": "file:" + args.betas if args.betas else args.schedule,
+                                 "timesteps": schedule.num_timesteps,
                                  "variance": args.variance, "decoder_variance": args.decoder_variance,
                                  "rescale": args.rescale, "seed": args.seed}
     print(json.dumps(result) if args.json else _summary(report, result))
@@ -116,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="oracle: the Bayes-optimal E[x0|xt] of a Gaussian-mixture dataset")
     ev.add_argument("--schedule", choices=SCHEDULES, default="cosine")
     ev.add_argument("--timesteps", type=_positive_int, default=1000, help="T, the number of steps")
+    ev.add_argument("--betas", metavar="FILE", help="beta_1..beta_T from a .npy or text file "
+                    "(overrides --schedule and --timesteps)")
     ev.add_argument("--variance", default="fixed_large", metavar="NAME",
                     help=f"reverse variance; with the oracle one of {', '.join(FIXED_VARIANCES)}")
     ev.add_argument("--decoder-variance", choices=DECODER_VARIANCES, default="beta_tilde2",
