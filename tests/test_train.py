@@ -1,0 +1,126 @@
+"""The trainer: exact resume, atomic checkpoints, refusals that overwrite nothing."""
+import json
+import math
+
+import pytest
+import torch
+
+from pdiff.cli import main
+from pdiff.train import CHECKPOINT, TrainConfig, Trainer, TrainingError, load_run
+
+TINY = dict(data="mixture1d", timesteps=20, iterations=40, batch_size=32, hidden=16, depth=2,
+            train_size=500, test_size=200, log_every=10, checkpoint_every=20, warmup=5)
+
+
+def tiny(**changes) -> TrainConfig:
+    return TrainConfig(**(TINY | changes))
+
+
+def weights(out):
+    return torch.load(out / CHECKPOINT, weights_only=False)
+
+
+@pytest.mark.parametrize("objective, variance, sampler", [
+    ("hybrid", "learned_range", "uniform"), ("vlb", "fixed_large", "importance"),
+])
+def test_resumed_run_equals_uninterrupted(tmp_path, objective, variance, sampler):
+    cfg = tiny(objective=objective, variance=variance, sampler=sampler)
+    Trainer(cfg, tmp_path / "a").train(progress=False)
+    half = tiny(objective=objective, variance=variance, sampler=sampler, iterations=20)
+    Trainer(half, tmp_path / "b").train(progress=False)
+    Trainer(cfg, tmp_path / "b", resume=True).train(progress=False)
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert a["step"] == b["step"] == 40
+    for key in ("net", "ema"):
+        for name in a[key]:
+            torch.testing.assert_close(a[key][name], b[key][name], rtol=0, atol=0)
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [10, 20, 30, 40]
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    Trainer(tiny(iterations=5), tmp_path).train(progress=False)
+    before = (tmp_path / CHECKPOINT).read_bytes()
+    with pytest.raises(ValueError, match="--resume.*--force"):
+        Trainer(tiny(), tmp_path)
+    assert (tmp_path / CHECKPOINT).read_bytes() == before
+
+
+def test_resume_with_another_configuration_is_refused(tmp_path):
+    Trainer(tiny(iterations=5), tmp_path).train(progress=False)
+    with pytest.raises(ValueError, match="differs in lr"):
+        Trainer(tiny(lr=1e-4), tmp_path, resume=True)
+
+
+def test_corrupt_or_missing_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="no checkpoint"):
+        load_run(tmp_path)
+    Trainer(tiny(iterations=5), tmp_path).train(progress=False)
+    data = (tmp_path / CHECKPOINT).read_bytes()
+    (tmp_path / CHECKPOINT).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupt"):
+        load_run(tmp_path)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    trainer = Trainer(tiny(iterations=40, checkpoint_every=10), tmp_path)
+    real = trainer._loss
+
+    def loss(x0):
+        value = real(x0)
+        return value * math.nan if trainer.step >= 25 else value
+
+    trainer._loss = loss
+    with pytest.raises(TrainingError, match="non-finite loss"):
+        trainer.train(progress=False)
+    assert load_run(tmp_path).step == 20
+
+
+def test_training_lowers_the_bound(tmp_path):
+    """A short run's EMA model has a lower bound on held-out data than the untrained network."""
+    from pdiff.elbo import full_bound
+    from pdiff.data import get_toy, toy_split
+
+    cfg = tiny(iterations=300, checkpoint_every=300, ema_decay=0.9)
+    trainer = Trainer(cfg, tmp_path)
+    _, test = toy_split(get_toy("mixture1d"), 0, 1000, 1)
+    test = test.float()
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    before = full_bound(trainer.model, test, generator=gen()).total
+    trainer.train(progress=False)
+    after = full_bound(load_run(tmp_path).model, test, generator=gen()).total
+    diff = before - after
+    assert diff.mean() > 5 * diff.std() / math.sqrt(len(diff))
+
+
+def test_pyro_engine_trains(tmp_path):
+    cfg = tiny(engine="pyro", objective="vlb", variance="fixed_large", timesteps=5, iterations=20)
+    Trainer(cfg, tmp_path).train(progress=False)
+    assert load_run(tmp_path).step == 20
+
+
+def test_cli_train_then_evaluate(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--data", "mixture1d", "--timesteps", "20", "--iterations", "20", "--batch-size",
+            "32", "--hidden", "16", "--train-size", "500", "--test-size", "300", "--out", str(out),
+            "--no-progress"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 2  # the run exists
+    assert "exists" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", str(out), "--samples", "200", "--entropy-samples",
+                 "1000", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["num_samples"] == 200 and len(r["terms_nats"]) == 20 and r["entropy_nats"] is not None
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "none")]) == 2
+    assert main(["train", "--data", "mixture1d", "--engine", "pyro", "--objective", "hybrid",
+                 "--out", str(tmp_path / "p")]) == 2
+    assert "vlb or trajectory" in capsys.readouterr().err
+
+
+def test_unwritable_output_directory(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("user data")
+    assert main(["train", "--data", "mixture1d", "--out", str(blocker / "run")]) == 2
+    assert "cannot write" in capsys.readouterr().err
+    assert blocker.read_text() == "user data"
