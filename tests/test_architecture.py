@@ -21,6 +21,8 @@ LAYERS = {
     "nets": {"nets"},
     "data": {"data"},
     "evaluation": {"schedules", "parameterization", "distributions", "elbo"},
+    "metrics": set(),
+    "figures": {"schedules", "parameterization", "distributions", "sampling"},
 }
 
 
