@@ -7,6 +7,7 @@ and is never a diffusion step.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 
@@ -170,9 +171,9 @@ def make_schedule(name: str, num_timesteps: int, *, beta_start: float | None = N
     """
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; valid: {', '.join(SCHEDULES)}")
-    if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 1:
+    if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, numbers.Integral) or num_timesteps < 1:
         raise ValueError(f"the number of timesteps T must be an integer >= 1, got {num_timesteps!r}")
-    T = num_timesteps
+    T = int(num_timesteps)
     scale = 1000.0 / T
     start = beta_start if beta_start is not None else 1e-4 * scale
     end = beta_end if beta_end is not None else min(0.02 * scale, max_beta)
