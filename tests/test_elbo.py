@@ -1,0 +1,256 @@
+"""The bound, term by term: analytic KLs against Monte Carlo, closed forms, and the three estimators
+of the bound (all-T, t-sampled, trajectory) agreeing in expectation.
+
+Estimators are compared per example: for each x_0^(i) the difference d_i of two unbiased estimators
+of the same bound B(x_0^(i)) has mean zero, the d_i are independent across i, so the mean of d is
+tested against zero with standard error std(d) / sqrt(N) (the data's own spread cancels).
+"""
+import math
+
+import pytest
+import torch
+from torch.distributions import kl_divergence
+
+from pdiff.data.mixture import GaussianMixture
+from pdiff.data.toy import clusters8, mixture1d
+from pdiff.distributions import VARIANCES, q_posterior, quantize
+from pdiff.distributions.reverse import ReverseProcess
+from pdiff.elbo import (Bound, bits_per_dim, full_bound, prior_term, sample_xt, sampled_bound,
+                        step_term, trajectory_bound)
+from pdiff.objectives import ImportanceSampler, UniformSampler
+from pdiff.oracle import MixtureDenoiser
+from pdiff.schedules import make_schedule
+from tests.stats import assert_within_stderr
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+class SmoothNet:
+    """A fixed nonlinear net(x_t, t); a pair (mean output, variance output) when the variance is
+    learned. Its outputs are O(1) so the KLs are neither tiny nor huge."""
+
+    def __init__(self, num_timesteps, learned, event_dims=1):
+        self.T, self.learned, self.event_dims = num_timesteps, learned, event_dims
+
+    def __call__(self, xt, t):
+        tt = (t.to(xt.dtype) / self.T).reshape(t.shape + (1,) * self.event_dims)
+        mean_out = 0.5 * torch.tanh(xt) + 0.3 * tt
+        if not self.learned:
+            return mean_out
+        return mean_out, 0.5 * torch.sin(xt + tt)
+
+
+def smooth_model(T, variance, prediction="eps", event_dims=1, **kwargs):
+    schedule = make_schedule("linear", T)
+    net = SmoothNet(T, variance in ("learned", "learned_range", "learned_softplus"), event_dims)
+    return ReverseProcess(net, schedule, prediction=prediction, variance=variance,
+                          event_dims=event_dims, **kwargs)
+
+
+def oracle_model(mixture, T, *, variance="fixed_large", schedule="cosine", **kwargs):
+    s = make_schedule(schedule, T)
+    return ReverseProcess(MixtureDenoiser(mixture, s), s, prediction="x0", variance=variance,
+                          **kwargs)
+
+
+def grid_mixture():
+    """A mixture inside [-1, 1] whose samples are quantized to K = 17 levels (as the digits are)."""
+    return GaussianMixture(means=[[-0.5, 0.2], [0.4, -0.3]], stds=[0.2, 0.25], weights=[1.0, 2.0])
+
+
+# -- single terms ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variance", VARIANCES)
+@pytest.mark.parametrize("prediction", ["eps", "x0", "mean"])
+def test_analytic_kl_matches_monte_carlo(variance, prediction):
+    """KL(q(x_{t-1}|x_t,x_0) || p_theta(x_{t-1}|x_t)) = E_q[log q - log p], per example."""
+    T, N, M = 20, 5, 20000
+    p = smooth_model(T, variance, prediction)
+    x0 = torch.randn(N, 2, generator=gen(1))
+    for t_val in (2, 7, T):
+        t = torch.full((N,), t_val)
+        xt, _ = sample_xt(p, x0, t, gen(2))
+        q = q_posterior(p.schedule, x0, xt, t, event_dims=1)
+        pt = p.transition(xt, t)
+        kl = kl_divergence(q, pt)
+        y = q.sample((M,))  # (M, N, 2)
+        log_ratio = q.log_prob(y) - pt.log_prob(y)  # (M, N)
+        assert_within_stderr(log_ratio.mean(0), kl, log_ratio.std(0) / math.sqrt(M))
+        assert (kl >= 0).all()
+        torch.testing.assert_close(step_term(p, x0, xt, t), kl, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("decoder", ["gaussian", "discretized"])
+@pytest.mark.parametrize("variance", VARIANCES)
+def test_step_term_is_decoder_nll_at_t1_and_kl_after(variance, decoder):
+    T, N = 10, 12
+    p = smooth_model(T, variance, decoder=decoder, num_levels=17)
+    x0 = quantize(torch.rand(N, 3, generator=gen(3)) * 2 - 1, 17)
+    t = torch.arange(N) % T + 1  # mixes t = 1 with t >= 2 in one call
+    xt, _ = sample_xt(p, x0, t, gen(4))
+    got = step_term(p, x0, xt, t)
+    first = t == 1
+    want = torch.empty(N)
+    want[first] = -p.decoder(xt[first]).log_prob(x0[first])
+    rest = ~first
+    want[rest] = kl_divergence(q_posterior(p.schedule, x0[rest], xt[rest], t[rest]),
+                               p.transition(xt[rest], t[rest]))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert got.shape == (N,)
+
+
+def test_prior_term_closed_form():
+    """L_T = KL(N(sqrt(ab_T) x_0, 1 - ab_T) || N(0, 1)) summed over dimensions."""
+    for name, T in (("linear", 10), ("cosine", 50), ("const", 5)):
+        p = smooth_model(T, "fixed_small").replace(schedule=make_schedule(name, T, warn=False))
+        x0 = torch.randn(7, 3, generator=gen(5)) * 2
+        ab = p.schedule.alpha_bar[T]
+        want = 0.5 * (ab * x0**2 + (1 - ab) - 1 - torch.log(1 - ab)).sum(-1)
+        torch.testing.assert_close(prior_term(p, x0), want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("event_shape", [(2,), (1, 2, 2)])
+@pytest.mark.parametrize("batch_shape", [(), (4,), (2, 3)])
+@pytest.mark.parametrize("variance,decoder", [("fixed_large", "gaussian"),
+                                              ("learned_range", "discretized")])
+def test_terms_are_per_example_for_any_batch_shape(batch_shape, event_shape, variance, decoder):
+    """Every term has shape batch_shape, and equals the flat (N,) computation reshaped."""
+    T = 6
+    p = smooth_model(T, variance, event_dims=len(event_shape), decoder=decoder, num_levels=17)
+    x0 = quantize(torch.rand(batch_shape + event_shape, generator=gen(30)) * 2 - 1, 17)
+    flat = x0.reshape((-1,) + event_shape)
+    t = torch.randint(1, T + 1, batch_shape, generator=gen(31))
+    xt, _ = sample_xt(p, x0, t, gen(32))
+    flat_xt = xt.reshape(flat.shape)
+    pairs = [(prior_term(p, x0), prior_term(p, flat)),
+             (step_term(p, x0, xt, t), step_term(p, flat, flat_xt, t.reshape(-1))),
+             (trajectory_bound(p, x0, generator=gen(33)),
+              trajectory_bound(p, flat, generator=gen(33)))]
+    for got, want in pairs:
+        assert got.shape == batch_shape
+        torch.testing.assert_close(got.reshape(-1), want, rtol=1e-12, atol=1e-12)
+    estimate, term = sampled_bound(p, x0, t, torch.ones(batch_shape), generator=gen(34))
+    assert estimate.shape == term.shape == batch_shape
+
+
+def test_bits_per_dim_and_bound_shapes():
+    T, N, D = 8, 6, 3
+    p = smooth_model(T, "fixed_large")
+    bound = full_bound(p, torch.randn(N, D, generator=gen(6)), generator=gen(7))
+    assert isinstance(bound, Bound)
+    assert bound.prior.shape == (N,) and bound.terms.shape == (N, T) and bound.total.shape == (N,)
+    torch.testing.assert_close(bound.total, bound.prior + bound.terms.sum(-1))
+    torch.testing.assert_close(bits_per_dim(bound.total, D), bound.total / (D * math.log(2)))
+    assert bits_per_dim(math.log(2) * 12, 3) == pytest.approx(4.0)
+    with pytest.raises(ValueError):
+        full_bound(p, torch.randn(2, N, D))
+
+
+# -- full_bound: chunking ----------------------------------------------------------------------
+
+class TimeOnlyX0:
+    """x0-predicting net that ignores x_t. Then mu_theta - mu_tilde = c0_t (x0_hat(t) - x_0) does
+    not depend on x_t, so under fixed variances every term of the bound is a deterministic function
+    of (x_0, t) and full_bound has no Monte Carlo noise at all."""
+
+    def __call__(self, xt, t):
+        return (0.1 * t.to(xt.dtype) - 0.5)[..., None].expand_as(xt) + 0.2 * torch.arange(
+            xt.shape[-1], dtype=xt.dtype)
+
+
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+def test_full_bound_chunking_exact_on_deterministic_terms(variance):
+    """With noise-free terms, chunk sizes that split rows and steps differently give the same
+    (N, T) array, and each entry is the closed-form term of its own (x_0, t)."""
+    T, N, D = 9, 11, 2
+    s = make_schedule("linear", T)
+    p = ReverseProcess(TimeOnlyX0(), s, prediction="x0", variance=variance)
+    x0 = torch.randn(N, D, generator=gen(8))
+    bounds = [full_bound(p, x0, chunk_size=c, generator=gen(9)) for c in (1, 7, T, 64, 65536)]
+    for b in bounds[1:]:
+        torch.testing.assert_close(b.terms, bounds[0].terms, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(b.prior, bounds[0].prior, rtol=0, atol=0)
+    # Closed form: 0.5 sum_d [r - 1 - log r + c0^2 (x0_hat - x0)^2 / sigma^2],
+    # r = beta_tilde / sigma^2.
+    t = torch.arange(1, T + 1)
+    x0_hat = TimeOnlyX0()(torch.zeros(T, D), t)  # (T, D)
+    # sigma_t^2: beta_tilde_t or beta_t for t >= 2; beta_tilde_2 at t = 1 (the default
+    # decoder_variance).
+    var = (s.beta_tilde if variance == "fixed_small" else s.betas).clone()
+    var[1] = s.beta_tilde[2]
+    log_var = var[1:].log().unsqueeze(-1)  # (T, 1)
+    err2 = (x0_hat[None] - x0[:, None]) ** 2  # (N, T, D)
+    c0 = s.posterior_coef_x0[1:].unsqueeze(-1)
+    r = s.beta_tilde[1:].unsqueeze(-1) / log_var.exp()
+    kl = 0.5 * (r - 1 - torch.log(r) + c0**2 * err2 / log_var.exp()).sum(-1)  # (N, T)
+    nll1 = 0.5 * (math.log(2 * math.pi) + log_var[0] + err2[:, 0] / log_var[0].exp()).sum(-1)
+    torch.testing.assert_close(bounds[0].terms[:, 1:], kl[:, 1:], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(bounds[0].terms[:, 0], nll1, rtol=1e-10, atol=1e-12)
+
+
+def test_full_bound_chunking_same_expectation_with_noise():
+    """With a real denoiser the draws depend on the chunking; the expectation must not."""
+    m = clusters8()
+    p = oracle_model(m, 10)
+    x0 = m.sample((3000,), generator=gen(10))
+    a = full_bound(p, x0, chunk_size=65536, generator=gen(11)).total
+    b = full_bound(p, x0, chunk_size=997, generator=gen(12)).total
+    d = a - b
+    assert_within_stderr(d.mean(), 0.0, d.std() / math.sqrt(len(d)))
+
+
+# -- the three estimators of the bound agree -------------------------------------------------
+
+def fed_importance_sampler(p, x0, generator):
+    """An ImportanceSampler fed a history whose root mean square for each t is that of the term
+    over many examples, so its probs are far from uniform and close to the variance-minimizing
+    choice (a 10-example history of heavy-tailed terms can miss the rare large values and give
+    an estimator whose sample standard error is unreliable)."""
+    T = p.num_timesteps
+    sampler = ImportanceSampler(T)
+    rms = full_bound(p, x0, generator=generator).terms.pow(2).mean(0).sqrt()  # (T,)
+    sampler.update(torch.arange(1, T + 1).repeat(sampler.history), rms.repeat(sampler.history))
+    assert sampler.warmed_up()
+    probs = sampler.probs()
+    assert probs.max() / probs.min() > 2
+    return sampler
+
+
+CASES = [
+    ("mixture1d", 10, dict()),
+    ("mixture1d", 50, dict(variance="fixed_small")),
+    ("clusters8", 20, dict()),
+    ("clusters8", 10, dict(variance="fixed_small", decoder_variance="beta1")),
+    ("grid17", 20, dict(decoder="discretized", num_levels=17)),
+]
+
+
+def case_model_and_data(name, T, kwargs, n, seed):
+    if name == "grid17":
+        m = grid_mixture()
+        x0 = quantize(m.sample((n,), generator=gen(seed)), 17)
+    else:
+        m = {"mixture1d": mixture1d, "clusters8": clusters8}[name]()
+        x0 = m.sample((n,), generator=gen(seed))
+    return oracle_model(m, T, **kwargs), x0
+
+
+@pytest.mark.parametrize("name,T,kwargs", CASES)
+def test_sampled_and_trajectory_estimators_match_full_bound(name, T, kwargs):
+    N = 6000
+    p, x0 = case_model_and_data(name, T, kwargs, N, 13)
+    full = full_bound(p, x0, generator=gen(14)).total
+    with torch.no_grad():
+        estimates = {"trajectory": trajectory_bound(p, x0, generator=gen(15))}
+        for label, sampler in (("uniform", UniformSampler(T)),
+                               ("importance", fed_importance_sampler(p, x0[:2000], gen(16)))):
+            t, w = sampler.sample(N, generator=gen(17))
+            estimates[label], term = sampled_bound(p, x0, t, w, generator=gen(18))
+            torch.testing.assert_close(estimates[label], prior_term(p, x0) + T * w * term)
+    for label, est in estimates.items():
+        d = est - full
+        assert torch.isfinite(d).all(), label
+        assert_within_stderr(d.mean(), 0.0, d.std() / math.sqrt(N))
+
