@@ -3,6 +3,9 @@ import pytest
 import torch
 from torch.distributions import Distribution
 
+# Tests use small tensors: one thread avoids stalls when the machine's two cores are shared.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _float64_and_validation():
