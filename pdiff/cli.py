@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import warnings
 from dataclasses import asdict, fields
@@ -11,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import RESCALINGS, TOY_DATASETS, GaussianMixture, check_data, entropy_mc, fit_rescaling, get_toy
+from .data import RESCALINGS, TOY_DATASETS, GaussianMixture, check_data, entropy_mc, fit_rescaling, get_toy, has_exact_density
 from .data.toy import toy_split
 from .distributions import DECODER_VARIANCES, FIXED_VARIANCES, VARIANCES
 from .nets import EMBEDDINGS
 from .objectives import OBJECTIVES, SAMPLERS
 from .parameterization import PREDICTIONS
-from .evaluation import BoundReport, bound_report
+from .compare import draw_samples, evaluate_run
+from .evaluation import bound_report
 from .train import ENGINES, TrainConfig, Trainer, TrainingError, load_run
 from .oracle import MixtureDenoiser
 from .schedules import SCHEDULES, NoiseSchedule, make_schedule
@@ -81,60 +83,69 @@ def _oracle_model(args, data):
               "schedule": "file:" + args.betas if args.betas else args.schedule,
               "timesteps": schedule.num_timesteps, "variance": args.variance,
               "decoder_variance": args.decoder_variance, "rescale": args.rescale}
-    return model, rescaling, config, None
-
-
-def _checkpoint_model(args):
-    run = load_run(args.checkpoint)
-    cfg = run.config
-    config = asdict(cfg) | {"denoiser": "checkpoint", "checkpoint": str(args.checkpoint),
-                            "step": run.step}
-    _, test = toy_split(get_toy(cfg.data), 0, cfg.test_size, cfg.seed)
-    if args.samples > cfg.test_size:
-        raise UserError(f"--samples {args.samples} exceeds the run's test split ({cfg.test_size} points)")
-    return run.model, run.rescaling, config, test[: args.samples]
+    return model, rescaling, config
 
 
 def cmd_evaluate(args) -> int:
     if args.checkpoint:
-        model, rescaling, config, x = _checkpoint_model(args)
-        data = get_toy(config["data"])
-        dtype = torch.float32
-    else:
-        torch.set_default_dtype(torch.float64)  # the oracle is analytic: evaluate it in float64
-        data = get_toy(args.data) if args.data else None
-        model, rescaling, config, x = _oracle_model(args, data)
-        dtype = torch.float64
+        return _evaluate_checkpoint(args)
+    torch.set_default_dtype(torch.float64)  # the oracle is analytic: evaluate it in float64
+    data = get_toy(args.data) if args.data else None
+    model, rescaling, config = _oracle_model(args, data)
     dim = data.event_shape[0]
     if args.data_file:
         x = check_data(_load_array(args.data_file), dim, what=f"data in {args.data_file!r}")
-    elif x is None:
+    else:
         _, x = toy_split(data, 0, args.samples, args.seed)
     entropy = entropy_mc(data, args.entropy_samples,
                          generator=torch.Generator().manual_seed(args.seed + 1_000_003))
+    # the paired gap estimate needs test points drawn from the data itself
+    log_px = data.log_prob(x) if has_exact_density(data) and not args.data_file else None
     with torch.no_grad():
-        report = bound_report(model, rescaling.apply(x).to(dtype), log_jacobian=rescaling.log_abs_det,
-                              entropy=entropy, chunk_size=args.chunk_size,
-                              generator=torch.Generator().manual_seed(args.seed))
+        report = bound_report(model, rescaling.apply(x), log_jacobian=rescaling.log_abs_det,
+                              entropy=entropy, data_log_prob=log_px, chunk_size=args.chunk_size,
+                              generator=torch.Generator().manual_seed(args.seed)).to_dict()
     config["seed"] = args.seed
-    print(json.dumps(report.to_dict() | config) if args.json else _summary(report, config))
+    print(json.dumps(report | config) if args.json else _summary(report, config))
     return 0
 
 
-def _summary(r: BoundReport, cfg: dict) -> str:
-    lines = [f"{cfg['data']}: {cfg['denoiser']} denoiser, {cfg['schedule']} schedule, T = "
+def _evaluate_checkpoint(args) -> int:
+    run = load_run(args.checkpoint)
+    cfg = run.config
+    dim = run.rescaling.shift.numel()
+    x = None
+    if args.data_file:
+        x = check_data(_load_array(args.data_file), dim, what=f"data in {args.data_file!r}")
+    metric = args.metric_samples if args.metric_samples is not None else min(2000, cfg.test_size)
+    report = evaluate_run(run, samples=args.samples, seed=args.seed, metric_samples=metric,
+                          entropy_samples=args.entropy_samples, chunk_size=args.chunk_size, x=x)
+    report.pop("_samples", None)
+    config = asdict(cfg) | {"denoiser": "checkpoint", "checkpoint": str(args.checkpoint),
+                            "step": run.step, "eval_seed": args.seed}
+    print(json.dumps(report | config) if args.json else _summary(report, config))
+    return 0
+
+
+def _summary(r: dict, cfg: dict) -> str:
+    what = ("oracle denoiser" if cfg["denoiser"] == "oracle"
+            else f"run {cfg['checkpoint']} ({cfg['objective']}, step {cfg['step']})")
+    lines = [f"{cfg['data']}: {what}, {cfg['schedule']} schedule, T = "
              f"{cfg['timesteps']}, variance {cfg['variance']}, decoder variance "
-             f"{cfg['decoder_variance']}, rescale {cfg['rescale']}, {r.num_samples} test points",
-             f"  bound on -log p(x):  {r.nll_nats:.4f} +- {r.nll_stderr:.4f} nats "
-             f"({r.bits_per_dim:.4f} bits/dim, D = {r.dim})",
-             f"  prior term L_T:      {r.prior_nats:.3g} nats",
-             f"  decoder term L_0:    {r.terms_nats[0]:.4f} nats",
-             f"  transition terms:    {sum(r.terms_nats[1:]):.4f} nats (sum of L_1..L_{{T-1}})"]
-    if r.log_jacobian_nats:
-        lines.append(f"  rescaling log-Jacobian: {r.log_jacobian_nats:.4f} nats (subtracted)")
-    if r.entropy_nats is not None:
-        lines.append(f"  data entropy:        {r.entropy_nats:.4f} +- {r.entropy_stderr:.4f} nats; "
-                     f"gap {r.gap_nats:.4f} +- {r.gap_stderr:.4f}")
+             f"{cfg['decoder_variance']}, rescale {cfg['rescale']}, {r['num_samples']} test points",
+             f"  bound on -log p(x):  {r['nll_nats']:.4f} +- {r['nll_stderr']:.4f} nats "
+             f"({r['bits_per_dim']:.4f} bits/dim, D = {r['dim']})",
+             f"  prior term L_T:      {r['prior_nats']:.3g} nats",
+             f"  decoder term L_0:    {r['terms_nats'][0]:.4f} nats",
+             f"  transition terms:    {sum(r['terms_nats'][1:]):.4f} nats (sum of L_1..L_{{T-1}})"]
+    if r["log_jacobian_nats"]:
+        lines.append(f"  rescaling log-Jacobian: {r['log_jacobian_nats']:.4f} nats (subtracted)")
+    if r["entropy_nats"] is not None:
+        lines.append(f"  data entropy:        {r['entropy_nats']:.4f} +- {r['entropy_stderr']:.4f} nats; "
+                     f"gap {r['gap_nats']:.4f} +- {r['gap_stderr']:.4f}")
+    if "energy_distance" in r:
+        lines.append(f"  samples vs held-out: energy distance {r['energy_distance']:.4f}, sliced "
+                     f"W2 {r['sliced_wasserstein']:.4f} ({r['metric_samples']} points each)")
     return "\n".join(lines)
 
 
@@ -155,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(overrides --schedule and --timesteps)")
     ev.add_argument("--variance", default="fixed_large", metavar="NAME",
                     help=f"reverse variance; with the oracle one of {', '.join(FIXED_VARIANCES)}")
-    ev.add_argument("--decoder-variance", choices=DECODER_VARIANCES, default="beta_tilde2",
+    ev.add_argument("--decoder-variance", choices=DECODER_VARIANCES, default="beta1",
                     help="sigma_1^2 at the decoder step under fixed variances")
     ev.add_argument("--rescale", choices=RESCALINGS, default="none",
                     help="diffuse rescaled data; the NLL is still reported in the data's units")
@@ -164,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Monte Carlo draws for the data entropy")
     ev.add_argument("--chunk-size", type=_positive_int, default=65536,
                     help="(example, step) pairs evaluated at once; bounds the memory")
+    ev.add_argument("--metric-samples", type=_nonnegative_int, default=None,
+                    help="with --checkpoint: model samples for the energy distance and sliced W2 "
+                    "to held-out test points (default: 2000 or the test split; 0: none)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=cmd_evaluate)
@@ -173,21 +187,93 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue the run in --out")
     tr.add_argument("--force", action="store_true", help="overwrite an existing run in --out")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_config_args(tr)
+    tr.set_defaults(func=cmd_train)
+
+    sa = sub.add_parser("sample", help="draw samples from a trained run into a file")
+    sa.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory")
+    sa.add_argument("--num", type=_positive_int, required=True, help="number of samples")
+    sa.add_argument("--out", required=True, metavar="FILE",
+                    help="output file: .npy, .csv or .txt (N x D, in the data's units)")
+    sa.add_argument("--sampling-timesteps", type=_positive_int, metavar="K",
+                    help="sample on K evenly spaced steps of the run's T (T always kept)")
+    sa.add_argument("--figure", metavar="PNG", help="also draw the samples against held-out data")
+    sa.add_argument("--seed", type=int, default=0)
+    sa.add_argument("--force", action="store_true", help="overwrite existing output files")
+    sa.set_defaults(func=cmd_sample)
+
+    co = sub.add_parser("compare", help="train and evaluate objectives x variances x seeds, "
+                        "write results.json, results.md and figures")
+    co.add_argument("--out", required=True, metavar="DIR", help="comparison directory")
+    co.add_argument("--objectives", type=_list_of(OBJECTIVES), default=DEFAULT_OBJECTIVES,
+                    help=f"comma-separated, from {', '.join(OBJECTIVES)} "
+                    f"(default: {','.join(DEFAULT_OBJECTIVES)})")
+    co.add_argument("--variances", type=_list_of(VARIANCES), default=DEFAULT_VARIANCES,
+                    help=f"comma-separated, from {', '.join(VARIANCES)} "
+                    f"(default: {','.join(DEFAULT_VARIANCES)})")
+    co.add_argument("--seeds", type=_positive_int, default=3, help="seeds 0..N-1 (default: 3)")
+    co.add_argument("--jobs", type=_positive_int, default=None,
+                    help="runs trained at once in worker processes (default: the CPU count)")
+    co.add_argument("--eval-samples", type=_positive_int, default=2000,
+                    help="test points for each run's bound (default: 2000)")
+    co.add_argument("--metric-samples", type=_nonnegative_int, default=1000,
+                    help="model samples for the sample metrics (default: 1000; 0: none)")
+    co.add_argument("--no-figures", action="store_true", help="write no figures")
+    co.add_argument("--resume", action="store_true",
+                    help="reuse finished runs in --out and continue unfinished ones")
+    co.add_argument("--force", action="store_true", help="overwrite an existing comparison in --out")
+    _add_config_args(co, exclude=("objective", "variance", "seed"),
+                     defaults={"iterations": COMPARE_ITERATIONS})
+    co.set_defaults(func=cmd_compare)
+    return parser
+
+
+DEFAULT_OBJECTIVES = ("simple", "vlb", "hybrid")
+DEFAULT_VARIANCES = ("fixed_small", "fixed_large", "learned_range")
+COMPARE_ITERATIONS = 3000
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _list_of(valid):
+    def parse(text: str) -> tuple[str, ...]:
+        items = tuple(x.strip() for x in text.split(",") if x.strip())
+        bad = [x for x in items if x not in valid]
+        if not items or bad:
+            raise argparse.ArgumentTypeError(
+                f"{', '.join(map(repr, bad)) or 'nothing'} not valid; choose from {', '.join(valid)}")
+        if len(set(items)) != len(items):
+            raise argparse.ArgumentTypeError(f"{text!r} names an item twice")
+        return items
+    return parse
+
+
+def _add_config_args(parser: argparse.ArgumentParser, exclude=(), defaults=None) -> None:
+    """One option per ``TrainConfig`` field (``--batch-size`` for ``batch_size``)."""
     choices = {"data": sorted(TOY_DATASETS), "objective": OBJECTIVES, "variance": VARIANCES,
                "prediction": PREDICTIONS, "schedule": SCHEDULES, "decoder_variance": DECODER_VARIANCES,
                "sampler": SAMPLERS, "rescale": RESCALINGS, "net": ("mlp", "mean_variance"),
                "embedding": EMBEDDINGS, "engine": ENGINES}
     for f in fields(TrainConfig):
-        kw = {"default": f.default, "help": f"(default: {f.default})"}
+        if f.name in exclude:
+            continue
+        default = (defaults or {}).get(f.name, f.default)
+        kw = {"default": default, "help": f"(default: {default})"}
         if f.name in choices:
             kw["choices"] = choices[f.name]
         elif isinstance(f.default, int):
             kw["type"] = int
         elif isinstance(f.default, float):
             kw["type"] = float
-        tr.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kw)
-    tr.set_defaults(func=cmd_train)
-    return parser
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kw)
 
 
 def cmd_train(args) -> int:
@@ -202,9 +288,133 @@ def cmd_train(args) -> int:
     return 0
 
 
+SAMPLE_FORMATS = (".npy", ".csv", ".txt")
+
+
+def _write_array_atomic(arr: np.ndarray, path: Path) -> None:
+    """Write ``arr`` as .npy or text next to ``path``, then rename: never half a file."""
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=path.suffix)
+    os.close(fd)
+    try:
+        if path.suffix == ".npy":
+            np.save(tmp, arr)
+        else:
+            np.savetxt(tmp, arr, delimiter="," if path.suffix == ".csv" else " ", fmt="%.8g")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _check_new_file(path: Path, force: bool, what: str) -> None:
+    if path.exists() and not force:
+        raise UserError(f"{what} {str(path)!r} exists; pass --force to overwrite it")
+    if not path.parent.is_dir():
+        raise UserError(f"cannot write {what} {str(path)!r}: folder {str(path.parent)!r} does not exist")
+    if not os_access_w(path.parent):
+        raise UserError(f"cannot write {what} {str(path)!r}: folder {str(path.parent)!r} is not writable")
+
+
+def os_access_w(folder: Path) -> bool:
+    import os
+
+    return os.access(folder, os.W_OK)
+
+
+def cmd_sample(args) -> int:
+    out = Path(args.out)
+    if out.suffix not in SAMPLE_FORMATS:
+        raise UserError(f"--out {args.out!r}: unknown format {out.suffix or '(none)'!r}; valid: "
+                        f"{', '.join(SAMPLE_FORMATS)}")
+    _check_new_file(out, args.force, "output file")
+    figure = Path(args.figure) if args.figure else None
+    if figure is not None:
+        if figure.suffix != ".png":
+            raise UserError(f"--figure {args.figure!r}: expected a .png file")
+        _check_new_file(figure, args.force, "figure")
+    run = load_run(args.checkpoint)
+    x = draw_samples(run, args.num, seed=args.seed, sampling_timesteps=args.sampling_timesteps)
+    _write_array_atomic(x.numpy(), out)
+    if figure is not None:
+        from .figures import plot_samples_grid
+
+        data = get_toy(run.config.data)
+        _, test = toy_split(data, 0, min(run.config.test_size, 5000), run.config.seed)
+        steps = args.sampling_timesteps or run.config.timesteps
+        plot_samples_grid({f"{run.config.objective} / {run.config.variance}, {steps} sampling steps": x},
+                          test, figure, density=data.log_prob if has_exact_density(data) else None,
+                          title=f"{run.config.data}: {args.num} samples against held-out data")
+    print(json.dumps({"out": str(out), "num": args.num, "dim": x.shape[1],
+                      "sampling_timesteps": args.sampling_timesteps or run.config.timesteps,
+                      "mean": x.mean(0).tolist(), "std": x.std(0).tolist()}
+                     | ({"figure": str(figure)} if figure else {})))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    import os
+    import shutil
+    import time
+
+    from .compare import GridSpec, comparison_figures, results_table, run_grid, summarize, write_results
+
+    out = Path(args.out)
+    base = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)
+                          if f.name not in ("objective", "variance", "seed")})
+    spec = GridSpec(base, args.objectives, args.variances, tuple(range(args.seeds)),
+                    eval_samples=args.eval_samples, metric_samples=args.metric_samples)
+    runs = spec.configs()  # every configuration checked before anything is written
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {args.out!r} is a file, not a directory")
+    if out.exists() and any(out.iterdir()) and not (args.resume or args.force):
+        raise UserError(f"comparison directory {args.out!r} exists and is not empty; pass --resume "
+                        "to reuse its finished runs or --force to overwrite it")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to comparison directory {args.out!r}: {e.strerror}") from None
+    if args.force:
+        for name in ("results.json", "results.md"):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "figures", ignore_errors=True)
+    jobs = args.jobs or min(os.cpu_count() or 1, len(runs))
+    print(f"pdiff compare: {len(runs)} runs ({len(spec.objectives)} objectives x "
+          f"{len(spec.variances)} variances x {len(spec.seeds)} seeds) on {base.data}, "
+          f"{base.iterations} iterations each, {jobs} at a time", file=sys.stderr)
+    start = time.perf_counter()
+
+    def report(r: dict, done: int, total: int) -> None:
+        if r.get("status") == "ok":
+            e = r["eval"]
+            gap = f", gap {e['gap_nats']:.3f}" if e.get("gap_nats") is not None else ""
+            took = "reused" if r.get("reused") else f"{r.get('train_seconds', 0):.0f} s"
+            msg = f"NLL bound {e['nll_nats']:.3f}{gap} ({took})"
+        else:
+            msg = f"FAILED: {r.get('error')}"
+        print(f"  [{done}/{total}] {r['name']}: {msg}", file=sys.stderr, flush=True)
+
+    records = run_grid(spec, out, jobs=jobs, resume=args.resume, force=args.force, on_result=report)
+    rows = summarize(records)
+    figures = [] if args.no_figures else comparison_figures(out, spec, records, rows)
+    write_results(out, spec, records, rows, command=args.command_line,
+                  wall_seconds=time.perf_counter() - start, figures=figures)
+    print(results_table(rows))
+    print(f"\nresults: {out / 'results.md'}, {out / 'results.json'}"
+          + (f"; figures: {out / 'figures'}" if figures else ""))
+    return 0 if any(r["ok"] for r in rows) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.command_line = "pdiff " + " ".join(shlex.quote(a) for a in argv)
     warnings.formatwarning = lambda message, category, *_: f"pdiff {args.command}: warning: {message}\n"
     try:
         return args.func(args)

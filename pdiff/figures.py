@@ -342,6 +342,51 @@ def plot_reverse(model: ReverseProcess, data_x: torch.Tensor, path: str | Path, 
     return Path(path)
 
 
+def plot_samples_grid(samples_by_label: Mapping[str, torch.Tensor], data_x: torch.Tensor,
+                      path: str | Path, *, ncols: int = 3, bins: int = 60,
+                      density: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                      title: str = "samples of each model against the data") -> Path:
+    """One panel per labelled set of samples (n, D), each against the data ``data_x``: overlaid
+    histograms (1D, with the exact density as a line when ``density``, a ``log_prob``, is given)
+    or samples scattered over the data (2D). All panels share the same limits."""
+    if not samples_by_label:
+        raise ValueError("plot_samples_grid needs at least one labelled set of samples")
+    dim = _points(data_x, "plot_samples_grid")
+    for label, x in samples_by_label.items():
+        if _points(x, "plot_samples_grid") != dim:
+            raise ValueError(f"samples {label!r} have D = {x.shape[-1]}, the data D = {dim}")
+    data = _np(data_x)
+    sets = {k: _np(v) for k, v in samples_by_label.items()}
+    lim = _limits(data)
+    ncols = min(ncols, len(sets))
+    rows = -(-len(sets) // ncols)
+    with _figure(path, (4.2 * ncols, 3.2 * rows + 0.6) if dim == 1
+                 else (3.8 * ncols, 3.8 * rows + 0.6)) as fig:
+        axes = _panels(fig, len(sets), ncols)
+        for k, (ax, (label, x)) in enumerate(zip(axes, sets.items())):
+            first = {"label": f"data (n = {len(data)})"} if k == 0 else {}
+            if dim == 1:
+                kw = dict(bins=bins, range=lim, density=True, alpha=0.5)
+                ax.hist(data[:, 0], color="0.6", **kw, **first)
+                ax.hist(np.clip(x[:, 0], *lim), color="C3", **kw,
+                        **({"label": f"samples (n = {len(x)})"} if k == 0 else {}))
+                if density is not None:
+                    grid = np.linspace(*lim, 400)
+                    ax.plot(grid, _np(density(torch.from_numpy(grid[:, None])).exp()), "k", lw=1,
+                            **({"label": "exact density p(x)"} if k == 0 else {}))
+                ax.set(xlim=lim, xlabel="x")
+            else:
+                _scatter(ax, data, lim, color="0.6", **first)
+                _scatter(ax, x, lim, color="C3",
+                         **({"label": f"samples (n = {len(x)})"} if k == 0 else {}))
+            ax.set_title(label, fontsize="medium")
+            if dim == 2:
+                ax.label_outer()
+        fig.suptitle(title)
+        _legend_below(fig)
+    return Path(path)
+
+
 def _field_1d(fig: Figure, predict, steps: list[int], lim: float, name: str) -> None:
     ax = fig.subplots()
     x = np.linspace(-lim, lim, 400)[:, None]

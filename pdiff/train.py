@@ -41,7 +41,7 @@ class TrainConfig:
     objective: str = "hybrid"
     variance: str = "learned_range"
     prediction: str = "eps"
-    schedule: str = "cosine"
+    schedule: str = "linear"
     timesteps: int = 1000
     decoder_variance: str = "beta1"
     sampler: str = "uniform"

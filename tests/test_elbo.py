@@ -166,7 +166,8 @@ def test_full_bound_chunking_exact_on_deterministic_terms(variance):
     (N, T) array, and each entry is the closed-form term of its own (x_0, t)."""
     T, N, D = 9, 11, 2
     s = make_schedule("linear", T)
-    p = ReverseProcess(TimeOnlyX0(), s, prediction="x0", variance=variance)
+    p = ReverseProcess(TimeOnlyX0(), s, prediction="x0", variance=variance,
+                       decoder_variance="beta_tilde2")
     x0 = torch.randn(N, D, generator=gen(8))
     bounds = [full_bound(p, x0, chunk_size=c, generator=gen(9)) for c in (1, 7, T, 64, 65536)]
     for b in bounds[1:]:
@@ -176,8 +177,7 @@ def test_full_bound_chunking_exact_on_deterministic_terms(variance):
     # r = beta_tilde / sigma^2.
     t = torch.arange(1, T + 1)
     x0_hat = TimeOnlyX0()(torch.zeros(T, D), t)  # (T, D)
-    # sigma_t^2: beta_tilde_t or beta_t for t >= 2; beta_tilde_2 at t = 1 (the default
-    # decoder_variance).
+    # sigma_t^2: beta_tilde_t or beta_t for t >= 2; beta_tilde_2 at t = 1 (decoder_variance).
     var = (s.beta_tilde if variance == "fixed_small" else s.betas).clone()
     var[1] = s.beta_tilde[2]
     log_var = var[1:].log().unsqueeze(-1)  # (T, 1)

@@ -82,7 +82,7 @@ class ReverseProcess:
 
     def __init__(self, net: Callable, schedule: NoiseSchedule, *, prediction: str = "eps",
                  variance: str = "fixed_small", decoder: str = "gaussian",
-                 decoder_variance: str = "beta_tilde2", num_levels: int | None = None,
+                 decoder_variance: str = "beta1", num_levels: int | None = None,
                  event_dims: int = 1, clip_x0: float | None = None,
                  timestep_map: torch.Tensor | None = None):
         self.net = net

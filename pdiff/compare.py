@@ -1,0 +1,425 @@
+"""Trained runs evaluated, and grids of runs compared: what ``pdiff evaluate --checkpoint`` and
+``pdiff compare`` compute.
+
+``evaluate_run`` gives a run's bound on its fixed test split (every term, the paired gap to the
+data entropy where the density is known) and, optionally, a sample-based distance between model
+samples and held-out data. ``run_grid`` trains and evaluates objectives x variances x seeds into
+``OUT/runs/<objective>-<variance>-s<seed>`` (in parallel worker processes), ``summarize`` reduces
+the runs to one row per (objective, variance) with standard errors across seeds, and
+``write_results`` writes ``results.json`` and ``results.md`` atomically.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from .data import entropy_mc, get_toy, has_exact_density, toy_split
+from .evaluation import bound_report
+from .metrics import energy_distance, sliced_wasserstein
+from .sampling import ancestral_sample
+from .train import CHECKPOINT, Run, TrainConfig, Trainer, atomic_write_text, load_run
+
+EVAL_FILE = "eval.json"
+SAMPLES_FILE = "samples.pt"
+
+
+# -- one run ---------------------------------------------------------------------------------------
+
+def draw_samples(run: Run, num: int, *, seed: int = 0, sampling_timesteps: int | None = None,
+                 chunk: int = 10_000) -> torch.Tensor:
+    """``num`` ancestral samples of a run's model, in the data's own units (rescaling undone),
+    float64 on the CPU. ``sampling_timesteps`` respaces the chain (evenly spaced steps, T kept)."""
+    from .schedules import spaced_steps
+
+    model = run.model
+    if sampling_timesteps is not None and sampling_timesteps != model.num_timesteps:
+        if not 1 <= sampling_timesteps <= model.num_timesteps:
+            raise ValueError(f"sampling timesteps must be in 1..{model.num_timesteps} (the run's "
+                             f"T), got {sampling_timesteps}")
+        model = model.respaced(spaced_steps(model.num_timesteps, sampling_timesteps))
+    gen = torch.Generator().manual_seed(seed)
+    dim = run.rescaling.shift.numel()
+    parts = []
+    for start in range(0, num, chunk):
+        n = min(chunk, num - start)
+        parts.append(ancestral_sample(model, (n, dim), generator=gen, dtype=torch.float32).x0)
+    x = torch.cat(parts).double()
+    return run.rescaling.invert(x)
+
+
+def evaluate_run(run: Run, *, samples: int = 4000, seed: int = 0, metric_samples: int = 0,
+                 entropy_samples: int = 100_000, chunk_size: int = 65536,
+                 x: torch.Tensor | None = None) -> dict:
+    """The run's bound on the first ``samples`` points of its test split (or on ``x``, in data
+    units), as ``BoundReport.to_dict()``; with ``metric_samples`` > 0 also the energy distance and
+    sliced Wasserstein-2 distance between that many model samples and as many test points.
+
+    The gap to the entropy is the paired estimate over the test points (``BoundReport``).
+    """
+    cfg = run.config
+    data = get_toy(cfg.data)
+    paired = x is None
+    if x is None:
+        _, test = toy_split(data, 0, cfg.test_size, cfg.seed)
+        if samples > cfg.test_size:
+            raise ValueError(f"samples ({samples}) exceeds the run's test split ({cfg.test_size} points)")
+        x = test[:samples]
+    entropy = entropy_mc(data, entropy_samples, generator=torch.Generator().manual_seed(seed + 1_000_003))
+    log_px = data.log_prob(x.to(torch.get_default_dtype())) if paired and has_exact_density(data) else None
+    with torch.no_grad():
+        report = bound_report(run.model, run.rescaling.apply(x).float(),
+                              log_jacobian=run.rescaling.log_abs_det, entropy=entropy,
+                              data_log_prob=log_px, chunk_size=chunk_size,
+                              generator=torch.Generator().manual_seed(seed)).to_dict()
+    if metric_samples > 0:
+        report |= sample_metrics(run, metric_samples, seed=seed)
+    return report
+
+
+def sample_metrics(run: Run, num: int, *, seed: int = 0) -> dict:
+    """Energy distance (unbiased, so about 0 for a perfect model) and sliced Wasserstein-2 between
+    ``num`` model samples and the last ``num`` points of the run's test split (data units)."""
+    cfg = run.config
+    if num > cfg.test_size:
+        raise ValueError(f"metric samples ({num}) exceeds the run's test split ({cfg.test_size} points)")
+    _, test = toy_split(get_toy(cfg.data), 0, cfg.test_size, cfg.seed)
+    held_out = test[-num:].double()
+    x = draw_samples(run, num, seed=seed + 17)
+    return {"energy_distance": energy_distance(x, held_out),
+            "sliced_wasserstein": sliced_wasserstein(x, held_out,
+                                                     generator=torch.Generator().manual_seed(seed)),
+            "metric_samples": num, "_samples": x}
+
+
+# -- a grid of runs --------------------------------------------------------------------------------
+
+@dataclass
+class GridSpec:
+    """What ``pdiff compare`` runs: ``base`` with each objective, variance and seed."""
+
+    base: TrainConfig
+    objectives: tuple[str, ...]
+    variances: tuple[str, ...]
+    seeds: tuple[int, ...]
+    eval_samples: int = 2000
+    metric_samples: int = 1000
+
+    def configs(self) -> list[tuple[str, TrainConfig]]:
+        """(run name, validated configuration) of every run; ``ValueError`` for any invalid one."""
+        out = []
+        for objective in self.objectives:
+            for variance in self.variances:
+                for seed in self.seeds:
+                    cfg = replace(self.base, objective=objective, variance=variance, seed=seed)
+                    try:
+                        cfg.validate()
+                    except ValueError as e:
+                        raise ValueError(f"objective {objective!r} with variance {variance!r}: {e}") from None
+                    out.append((f"{objective}-{variance}-s{seed}", cfg))
+        if self.eval_samples > self.base.test_size or self.metric_samples > self.base.test_size:
+            raise ValueError(f"eval and metric samples ({self.eval_samples}, {self.metric_samples}) "
+                             f"must not exceed the test split ({self.base.test_size} points)")
+        return out
+
+
+def _finished(run_dir: Path, cfg: TrainConfig) -> dict | None:
+    """The saved evaluation of a run already trained to the end with this configuration."""
+    ev, conf = run_dir / EVAL_FILE, run_dir / "config.json"
+    if not (ev.is_file() and conf.is_file() and (run_dir / CHECKPOINT).is_file()):
+        return None
+    try:
+        saved = json.loads(ev.read_text())
+        same = json.loads(conf.read_text()) == asdict(cfg)
+    except (OSError, ValueError):
+        return None
+    return saved if same and saved.get("status") == "ok" else None
+
+
+def run_one(name: str, cfg: TrainConfig, run_dir: str | Path, *, eval_samples: int,
+            metric_samples: int, resume: bool, force: bool, threads: int | None = None,
+            progress: bool = False) -> dict:
+    """Train (or resume) and evaluate one run; a failure is returned as a record, not raised."""
+    run_dir = Path(run_dir)
+    if threads:
+        torch.set_num_threads(threads)
+    record = {"name": name, "objective": cfg.objective, "variance": cfg.variance, "seed": cfg.seed,
+              "run_dir": str(run_dir)}
+    if resume and (done := _finished(run_dir, cfg)) is not None:
+        return done | {"reused": True}
+    try:
+        wall, cpu = time.perf_counter(), time.process_time()
+        trainer = Trainer(cfg, run_dir, resume=resume, force=force)
+        start_step = trainer.step
+        last = trainer.train(progress=progress)
+        record |= {"train_seconds": time.perf_counter() - wall,
+                   "train_cpu_seconds": time.process_time() - cpu,
+                   "trained_steps": trainer.step - start_step, "it_per_s": last.get("it_per_s"),
+                   "final_loss": last.get("loss")}
+        del trainer
+        run = load_run(run_dir)
+        ev = evaluate_run(run, samples=eval_samples, seed=cfg.seed, metric_samples=metric_samples)
+        samples = ev.pop("_samples", None)
+        if samples is not None:
+            torch.save(samples, run_dir / SAMPLES_FILE)
+        record |= {"status": "ok", "eval": ev}
+    except Exception as e:  # reported as a failed run in the table, not dropped
+        record |= {"status": "failed", "error": f"{type(e).__name__}: {e}",
+                   "traceback": traceback.format_exc(limit=3)}
+    try:
+        atomic_write_text(json.dumps(record), run_dir / EVAL_FILE)
+    except OSError:
+        pass
+    return record
+
+
+def run_grid(spec: GridSpec, out: str | Path, *, jobs: int = 1, resume: bool = False,
+             force: bool = False, on_result: Callable[[dict, int, int], None] | None = None) -> list[dict]:
+    """Every run of ``spec`` into ``out/runs``, ``jobs`` at a time (worker processes when > 1, each
+    with its share of the CPU threads). Returns the records in grid order."""
+    runs = spec.configs()
+    root = Path(out) / "runs"
+    root.mkdir(parents=True, exist_ok=True)
+    kw = dict(eval_samples=spec.eval_samples, metric_samples=spec.metric_samples, resume=resume,
+              force=force)
+    records: dict[str, dict] = {}
+    if jobs <= 1:
+        for name, cfg in runs:
+            records[name] = run_one(name, cfg, root / name, **kw)
+            if on_result:
+                on_result(records[name], len(records), len(runs))
+    else:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(run_one, name, cfg, root / name, threads=threads, **kw): name
+                       for name, cfg in runs}
+            try:
+                for fut in as_completed(futures):
+                    name = futures[fut]
+                    try:
+                        records[name] = fut.result()
+                    except Exception as e:  # the worker itself died
+                        cfg = dict(runs)[name]
+                        records[name] = {"name": name, "objective": cfg.objective,
+                                         "variance": cfg.variance, "seed": cfg.seed,
+                                         "run_dir": str(root / name), "status": "failed",
+                                         "error": f"worker process failed: {type(e).__name__}: {e}"}
+                    if on_result:
+                        on_result(records[name], len(records), len(runs))
+            except KeyboardInterrupt:
+                for f in futures:
+                    f.cancel()
+                raise
+    return [records[name] for name, _ in runs]
+
+
+# -- summaries -------------------------------------------------------------------------------------
+
+def _mean_se(values: list[float]) -> tuple[float | None, float | None]:
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    if not v:
+        return None, None
+    m = sum(v) / len(v)
+    if len(v) < 2:
+        return m, None
+    var = sum((x - m) ** 2 for x in v) / (len(v) - 1)
+    return m, math.sqrt(var / len(v))
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """One row per (objective, variance), in grid order: means and standard errors across the
+    seeds that finished, the failed seeds named."""
+    rows: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        rows.setdefault((r["objective"], r["variance"]), []).append(r)
+    out = []
+    for (objective, variance), rs in rows.items():
+        ok = [r for r in rs if r.get("status") == "ok"]
+        ev = [r["eval"] for r in ok]
+        row = {"objective": objective, "variance": variance, "runs": len(rs), "ok": len(ok),
+               "failed": {r["name"]: r.get("error", "") for r in rs if r.get("status") != "ok"}}
+        for key, values in {
+            "nll_nats": [e["nll_nats"] for e in ev],
+            "gap_nats": [e.get("gap_nats") for e in ev],
+            "prior_nats": [e["prior_nats"] for e in ev],
+            "decoder_nats": [e["terms_nats"][0] for e in ev],
+            "transition_nats": [sum(e["terms_nats"][1:]) for e in ev],
+            "energy_distance": [e.get("energy_distance") for e in ev],
+            "sliced_wasserstein": [e.get("sliced_wasserstein") for e in ev],
+            "train_seconds": [r.get("train_seconds") for r in ok],
+        }.items():
+            row[key], row[key + "_se"] = _mean_se(values)
+        if ev:
+            T = len(ev[0]["terms_nats"])
+            row["terms_nats"] = [sum(e["terms_nats"][i] for e in ev) / len(ev) for i in range(T)]
+        out.append(row)
+    return out
+
+
+def _fmt(m, se, digits: int = 3) -> str:
+    if m is None:
+        return "–"
+    return f"{m:.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None else "")
+
+
+def results_table(rows: list[dict]) -> str:
+    """The summary as a Markdown table (what ``pdiff compare`` prints)."""
+    head = ("| objective | variance | seeds ok | NLL bound (nats) | gap to H (nats) | L_T | L_0 "
+            "| Σ L_{t-1} | energy distance | sliced W2 | train time (s) |")
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        ok = f"{r['ok']}/{r['runs']}"
+        if r["ok"] == 0:
+            reason = next(iter(r["failed"].values()), "").replace("|", "/")[:80]
+            lines.append(f"| {r['objective']} | {r['variance']} | {ok} | failed: {reason} |" + " |" * 7)
+            continue
+        lines.append(" | ".join([
+            f"| {r['objective']}", r["variance"], ok + (" (failed: " + ", ".join(r["failed"]) + ")"
+                                                        if r["failed"] else ""),
+            _fmt(r["nll_nats"], r["nll_nats_se"]), _fmt(r["gap_nats"], r["gap_nats_se"]),
+            _fmt(r["prior_nats"], None, 4), _fmt(r["decoder_nats"], None),
+            _fmt(r["transition_nats"], None),
+            _fmt(r["energy_distance"], r["energy_distance_se"], 4),
+            _fmt(r["sliced_wasserstein"], r["sliced_wasserstein_se"]),
+            _fmt(r["train_seconds"], None, 0)]) + " |")
+    return "\n".join(lines)
+
+
+def machine_info() -> dict:
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "platform": platform.platform(), "cpus": os.cpu_count(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def write_results(out: str | Path, spec: GridSpec, records: list[dict], rows: list[dict], *,
+                  command: str, wall_seconds: float, figures: Iterable[str] = ()) -> None:
+    """``results.json`` (everything, per run and per row) and ``results.md`` (the table, the
+    command, the machine), each written atomically."""
+    out = Path(out)
+    data = get_toy(spec.base.data)
+    entropy = entropy_mc(data, 100_000, generator=torch.Generator().manual_seed(1_000_003))
+    info = machine_info()
+    doc = {"command": command, "machine": info, "wall_seconds": wall_seconds,
+           "base_config": asdict(spec.base), "objectives": list(spec.objectives),
+           "variances": list(spec.variances), "seeds": list(spec.seeds),
+           "eval_samples": spec.eval_samples, "metric_samples": spec.metric_samples,
+           "entropy_nats": entropy[0], "entropy_stderr": entropy[1],
+           "summary": rows, "runs": records,
+           "figures": [Path(f).relative_to(out).as_posix() for f in figures]}
+    atomic_write_text(json.dumps(doc, indent=1), out / "results.json")
+    b = spec.base
+    ent = (f"{entropy[0]:.4f} ± {entropy[1]:.4f} nats" if entropy[0] is not None
+           else "unknown (no closed-form density)")
+    best = min((r for r in rows if r["ok"]), key=lambda r: r["nll_nats"], default=None)
+    md = [f"# pdiff compare: {b.data}", "",
+          f"Command: `{command}`", "",
+          f"Measured {info['date']} on {info['cpus']} CPUs ({info['platform']}, torch {info['torch']}"
+          + (f", {info['cuda']}" if info["cuda"] else "") + f"); {wall_seconds / 60:.1f} min wall.", "",
+          f"Data entropy H: {ent}. Schedule {b.schedule}, T = {b.timesteps}, prediction "
+          f"{b.prediction}, decoder variance {b.decoder_variance}, rescale {b.rescale}; "
+          f"{b.iterations} iterations of batch {b.batch_size}; seeds {', '.join(map(str, spec.seeds))}; "
+          f"bound on {spec.eval_samples} test points per run, sample metrics on {spec.metric_samples}.",
+          "",
+          results_table(rows), "",
+          "NLL bound: L_T + Σ L_{t-1} + L_0 in nats (data units), mean over seeds ± its standard "
+          "error across seeds. Gap: bound minus entropy, paired over the same test points. "
+          "L_T, L_0 and Σ L_{t-1} (t = 2..T): the mean nats of the prior, decoder and transition "
+          "terms (L_0 is a log density, negative for continuous data, so the terms are shown in "
+          "nats rather than as fractions of the total). Energy distance (unbiased; about 0 for a "
+          "perfect model) and sliced Wasserstein-2: model samples against held-out test points.",
+          ""]
+    if best is not None:
+        md += [f"Lowest bound: **{best['objective']} / {best['variance']}**, "
+               f"{_fmt(best['nll_nats'], best['nll_nats_se'])} nats.", ""]
+    failed = [r for r in records if r.get("status") != "ok"]
+    if failed:
+        md += ["Failed runs:", ""] + [f"- {r['name']}: {r.get('error', '')}" for r in failed] + [""]
+    if figures:
+        md += ["Figures:", ""] + [f"- [{Path(f).name}]({Path(f).relative_to(out).as_posix()})"
+                                  for f in figures] + [""]
+    atomic_write_text("\n".join(md), out / "results.md")
+
+
+# -- figures ---------------------------------------------------------------------------------------
+
+def comparison_figures(out: str | Path, spec: GridSpec, records: list[dict], rows: list[dict], *,
+                       seed: int = 0) -> list[Path]:
+    """The tutorials' figures for a finished grid, into ``out/figures``: the data, the schedule,
+    the forward diffusion (PNG and GIF), the per-t bound terms of every (objective, variance) on
+    one plot, loss curves per objective, every model's samples against the data, and for the run
+    with the lowest bound its predicted against true noise, reverse chains and noise field."""
+    from . import figures as F
+    from .data import fit_rescaling
+    from .schedules import make_schedule
+
+    fig_dir = Path(out) / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    base = spec.base
+    data = get_toy(base.data)
+    dim = data.event_shape[0]
+    gen = lambda: torch.Generator().manual_seed(seed)  # noqa: E731
+    train, test = toy_split(data, 2000, 2000, base.seed)
+    density = data.log_prob if has_exact_density(data) else None
+    rescaling = fit_rescaling(base.rescale, data, dim)
+    x0 = rescaling.apply(train.double())
+    schedule = make_schedule(base.schedule, base.timesteps)
+    made = [F.plot_data(train, fig_dir / "data.png", title=f"{base.data}: training data", density=density),
+            F.plot_schedule(schedule, fig_dir / "schedule.png",
+                            title=f"{base.schedule} schedule, T = {base.timesteps}"),
+            F.plot_forward_diffusion(schedule, x0[:1000], fig_dir / "forward.png", generator=gen()),
+            F.animate_forward_diffusion(schedule, x0[:1000], fig_dir / "forward.gif", generator=gen())]
+    ok_rows = [r for r in rows if r["ok"]]
+    if ok_rows:
+        made.append(F.plot_bound_terms({f"{r['objective']} / {r['variance']}": r["terms_nats"]
+                                        for r in ok_rows}, fig_dir / "bound_terms.png", logx=True,
+                                       title=f"{base.data}: mean term of each step t (nats)"))
+    for objective in spec.objectives:
+        curves = {}
+        for r in records:
+            if r["objective"] == objective and r["seed"] == spec.seeds[0]:
+                path = Path(r["run_dir"]) / "metrics.jsonl"
+                if path.is_file():
+                    lines = [json.loads(ln) for ln in path.read_text().splitlines() if ln]
+                    if lines:
+                        curves[r["variance"]] = ([ln["step"] for ln in lines], [ln["loss"] for ln in lines])
+        if curves:
+            made.append(F.plot_loss_curves(curves, fig_dir / f"loss_{objective}.png",
+                                           ylabel=f"{objective} loss", logy=objective != "vlb",
+                                           title=f"{base.data}: {objective} loss (seed {spec.seeds[0]})"))
+    samples = {}
+    for r in records:
+        path = Path(r["run_dir"]) / SAMPLES_FILE
+        if r.get("status") == "ok" and r["seed"] == spec.seeds[0] and path.is_file():
+            samples[f"{r['objective']} / {r['variance']}"] = torch.load(path)
+    if samples:
+        made.append(F.plot_samples_grid(samples, test, fig_dir / "samples.png", density=density,
+                                        title=f"{base.data}: samples of each model (seed "
+                                              f"{spec.seeds[0]}) against held-out data"))
+    best = min(ok_rows, key=lambda r: r["nll_nats"], default=None)
+    if best is not None:
+        rec = next((r for r in records if r["objective"] == best["objective"]
+                    and r["variance"] == best["variance"] and r.get("status") == "ok"), None)
+        if rec is not None:
+            run = load_run(rec["run_dir"])
+            xs = run.rescaling.apply(test.double()).float()
+            label = f"{best['objective']} / {best['variance']}"
+            made.append(F.plot_noise_prediction(run.model, xs[:1000], fig_dir / "best_noise_prediction.png",
+                                                generator=gen()))
+            made.append(F.plot_reverse(run.model, xs[:1000], fig_dir / "best_reverse.png", generator=gen()))
+            made.append(F.plot_noise_field(run.model, fig_dir / "best_noise_field.png", dim=dim,
+                                           lim=float(xs.abs().max()) * 1.1, dtype=torch.float32))
+            atomic_write_text(f"figures best_*.png: run {rec['name']} ({label})\n",
+                              fig_dir / "best_run.txt")
+    return made
