@@ -211,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--variances", type=_list_of(VARIANCES), default=DEFAULT_VARIANCES,
                     help=f"comma-separated, from {', '.join(VARIANCES)} "
                     f"(default: {','.join(DEFAULT_VARIANCES)})")
+    co.add_argument("--grid", action="append", default=[], metavar="OPTION=V1,V2",
+                    help="also vary another training option, e.g. --grid schedule=linear,cosine "
+                    "(repeatable; an option given here is not also fixed by its own flag)")
     co.add_argument("--seeds", type=_positive_int, default=3, help="seeds 0..N-1 (default: 3)")
     co.add_argument("--jobs", type=_positive_int, default=None,
                     help="runs trained at once in worker processes (default: the CPU count)")
@@ -354,60 +357,44 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _grid_axes(items: list[str]) -> dict[str, tuple]:
+    """``["schedule=linear,cosine", "lr=1e-3,2e-3"]`` -> axes, each value of its field's type."""
+    types = {f.name: type(f.default) for f in fields(TrainConfig)}
+    axes: dict[str, tuple] = {}
+    for item in items:
+        name, sep, values = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not values.strip():
+            raise UserError(f"--grid {item!r}: expected OPTION=V1,V2,... such as schedule=linear,cosine")
+        if name in ("objective", "variance", "seed"):
+            raise UserError(f"--grid {item!r}: use --objectives, --variances or --seeds for {name}")
+        if name not in types:
+            raise UserError(f"--grid {item!r}: unknown option {name!r}; valid: "
+                            + ", ".join(sorted(set(types) - {'objective', 'variance', 'seed'})))
+        if name in axes:
+            raise UserError(f"--grid names {name!r} twice")
+        try:
+            axes[name] = tuple(types[name](v.strip()) for v in values.split(",") if v.strip())
+        except ValueError:
+            raise UserError(f"--grid {item!r}: {name} takes {types[name].__name__} values") from None
+    return axes
+
+
 def cmd_compare(args) -> int:
-    import os
-    import shutil
-    import time
+    from .compare import GridSpec, compare, results_table
 
-    from .compare import GridSpec, comparison_figures, results_table, run_grid, summarize, write_results
-
-    out = Path(args.out)
     base = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)
                           if f.name not in ("objective", "variance", "seed")})
-    spec = GridSpec(base, args.objectives, args.variances, tuple(range(args.seeds)),
-                    eval_samples=args.eval_samples, metric_samples=args.metric_samples)
-    runs = spec.configs()  # every configuration checked before anything is written
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {args.out!r} is a file, not a directory")
-    if out.exists() and any(out.iterdir()) and not (args.resume or args.force):
-        raise UserError(f"comparison directory {args.out!r} exists and is not empty; pass --resume "
-                        "to reuse its finished runs or --force to overwrite it")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write to comparison directory {args.out!r}: {e.strerror}") from None
-    if args.force:
-        for name in ("results.json", "results.md"):
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / "figures", ignore_errors=True)
-    jobs = args.jobs or min(os.cpu_count() or 1, len(runs))
-    print(f"pdiff compare: {len(runs)} runs ({len(spec.objectives)} objectives x "
-          f"{len(spec.variances)} variances x {len(spec.seeds)} seeds) on {base.data}, "
-          f"{base.iterations} iterations each, {jobs} at a time", file=sys.stderr)
-    start = time.perf_counter()
-
-    def report(r: dict, done: int, total: int) -> None:
-        if r.get("status") == "ok":
-            e = r["eval"]
-            gap = f", gap {e['gap_nats']:.3f}" if e.get("gap_nats") is not None else ""
-            took = "reused" if r.get("reused") else f"{r.get('train_seconds', 0):.0f} s"
-            msg = f"NLL bound {e['nll_nats']:.3f}{gap} ({took})"
-        else:
-            msg = f"FAILED: {r.get('error')}"
-        print(f"  [{done}/{total}] {r['name']}: {msg}", file=sys.stderr, flush=True)
-
-    records = run_grid(spec, out, jobs=jobs, resume=args.resume, force=args.force, on_result=report)
-    rows = summarize(records)
-    figures = [] if args.no_figures else comparison_figures(out, spec, records, rows)
-    write_results(out, spec, records, rows, command=args.command_line,
-                  wall_seconds=time.perf_counter() - start, figures=figures)
-    print(results_table(rows))
+    axes = {"objective": args.objectives, "variance": args.variances} | _grid_axes(args.grid)
+    spec = GridSpec(base, axes, tuple(range(args.seeds)), eval_samples=args.eval_samples,
+                    metric_samples=args.metric_samples)
+    result = compare(spec, args.out, jobs=args.jobs, resume=args.resume, force=args.force,
+                     figures=not args.no_figures, command=args.command_line, log=sys.stderr)
+    print(results_table(result.rows))
+    out = Path(args.out)
     print(f"\nresults: {out / 'results.md'}, {out / 'results.json'}"
-          + (f"; figures: {out / 'figures'}" if figures else ""))
-    return 0 if any(r["ok"] for r in rows) else 1
+          + (f"; figures: {out / 'figures'}" if result.figures else ""))
+    return 0 if any(r["ok"] for r in result.rows) else 1
 
 
 def main(argv: list[str] | None = None) -> int:

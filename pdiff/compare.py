@@ -10,14 +10,16 @@ the runs to one row per (objective, variance) with standard errors across seeds,
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import platform
+import shutil
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timezone
 from multiprocessing import get_context
 from pathlib import Path
@@ -107,27 +109,53 @@ def sample_metrics(run: Run, num: int, *, seed: int = 0) -> dict:
 
 @dataclass
 class GridSpec:
-    """What ``pdiff compare`` runs: ``base`` with each objective, variance and seed."""
+    """What ``pdiff compare`` runs: ``base`` with every combination of the ``axes`` values (each
+    axis a ``TrainConfig`` field, such as ``objective`` or ``schedule``), for each seed.
+
+    A cell is one combination (a dict field -> value); its runs differ only in the seed.
+    """
 
     base: TrainConfig
-    objectives: tuple[str, ...]
-    variances: tuple[str, ...]
+    axes: dict[str, tuple]
     seeds: tuple[int, ...]
     eval_samples: int = 2000
     metric_samples: int = 1000
 
-    def configs(self) -> list[tuple[str, TrainConfig]]:
-        """(run name, validated configuration) of every run; ``ValueError`` for any invalid one."""
+    def __post_init__(self):
+        known = {f.name for f in fields(TrainConfig)} - {"seed"}
+        bad = [a for a in self.axes if a not in known]
+        if bad:
+            raise ValueError(f"cannot vary {', '.join(map(repr, bad))}: an axis must be a training "
+                             f"option other than seed ({', '.join(sorted(known))})")
+        if not self.axes or any(len(v) == 0 for v in self.axes.values()):
+            raise ValueError("a grid needs at least one axis, each with at least one value")
+        if not self.seeds:
+            raise ValueError("a grid needs at least one seed")
+        self.axes = {k: tuple(v) for k, v in self.axes.items()}
+
+    def cells(self) -> list[dict]:
+        return [dict(zip(self.axes, values)) for values in itertools.product(*self.axes.values())]
+
+    @staticmethod
+    def label(cell: dict) -> str:
+        return " / ".join(str(v) for v in cell.values())
+
+    @staticmethod
+    def run_name(cell: dict, seed: int) -> str:
+        return "-".join(str(v) for v in cell.values()) + f"-s{seed}"
+
+    def configs(self) -> list[tuple[str, dict, TrainConfig]]:
+        """(run name, cell, validated configuration) of every run; ``ValueError`` for any invalid one."""
         out = []
-        for objective in self.objectives:
-            for variance in self.variances:
-                for seed in self.seeds:
-                    cfg = replace(self.base, objective=objective, variance=variance, seed=seed)
-                    try:
-                        cfg.validate()
-                    except ValueError as e:
-                        raise ValueError(f"objective {objective!r} with variance {variance!r}: {e}") from None
-                    out.append((f"{objective}-{variance}-s{seed}", cfg))
+        for cell in self.cells():
+            for seed in self.seeds:
+                cfg = replace(self.base, seed=seed, **cell)
+                try:
+                    cfg.validate()
+                except ValueError as e:
+                    what = ", ".join(f"{k} {v!r}" for k, v in cell.items())
+                    raise ValueError(f"{what}: {e}") from None
+                out.append((self.run_name(cell, seed), cell, cfg))
         if self.eval_samples > self.base.test_size or self.metric_samples > self.base.test_size:
             raise ValueError(f"eval and metric samples ({self.eval_samples}, {self.metric_samples}) "
                              f"must not exceed the test split ({self.base.test_size} points)")
@@ -147,17 +175,16 @@ def _finished(run_dir: Path, cfg: TrainConfig) -> dict | None:
     return saved if same and saved.get("status") == "ok" else None
 
 
-def run_one(name: str, cfg: TrainConfig, run_dir: str | Path, *, eval_samples: int,
+def run_one(name: str, cell: dict, cfg: TrainConfig, run_dir: str | Path, *, eval_samples: int,
             metric_samples: int, resume: bool, force: bool, threads: int | None = None,
             progress: bool = False) -> dict:
     """Train (or resume) and evaluate one run; a failure is returned as a record, not raised."""
     run_dir = Path(run_dir)
     if threads:
         torch.set_num_threads(threads)
-    record = {"name": name, "objective": cfg.objective, "variance": cfg.variance, "seed": cfg.seed,
-              "run_dir": str(run_dir)}
+    record = {"name": name, "cell": cell, "seed": cfg.seed, "run_dir": str(run_dir)}
     if resume and (done := _finished(run_dir, cfg)) is not None:
-        return done | {"reused": True}
+        return done | record | {"reused": True}
     try:
         wall, cpu = time.perf_counter(), time.process_time()
         trainer = Trainer(cfg, run_dir, resume=resume, force=force)
@@ -195,24 +222,23 @@ def run_grid(spec: GridSpec, out: str | Path, *, jobs: int = 1, resume: bool = F
               force=force)
     records: dict[str, dict] = {}
     if jobs <= 1:
-        for name, cfg in runs:
-            records[name] = run_one(name, cfg, root / name, **kw)
+        for name, cell, cfg in runs:
+            records[name] = run_one(name, cell, cfg, root / name, **kw)
             if on_result:
                 on_result(records[name], len(records), len(runs))
     else:
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(run_one, name, cfg, root / name, threads=threads, **kw): name
-                       for name, cfg in runs}
+            futures = {pool.submit(run_one, name, cell, cfg, root / name, threads=threads, **kw): name
+                       for name, cell, cfg in runs}
             try:
                 for fut in as_completed(futures):
                     name = futures[fut]
                     try:
                         records[name] = fut.result()
                     except Exception as e:  # the worker itself died
-                        cfg = dict(runs)[name]
-                        records[name] = {"name": name, "objective": cfg.objective,
-                                         "variance": cfg.variance, "seed": cfg.seed,
+                        _, cell, cfg = next(r for r in runs if r[0] == name)
+                        records[name] = {"name": name, "cell": cell, "seed": cfg.seed,
                                          "run_dir": str(root / name), "status": "failed",
                                          "error": f"worker process failed: {type(e).__name__}: {e}"}
                     if on_result:
@@ -221,7 +247,73 @@ def run_grid(spec: GridSpec, out: str | Path, *, jobs: int = 1, resume: bool = F
                 for f in futures:
                     f.cancel()
                 raise
-    return [records[name] for name, _ in runs]
+    return [records[name] for name, _, _ in runs]
+
+
+@dataclass
+class Comparison:
+    """What ``compare`` returns: the spec, the per-run records, the per-cell rows, the figures."""
+
+    spec: GridSpec
+    records: list[dict]
+    rows: list[dict]
+    figures: list[Path]
+
+
+def prepare_out(out: str | Path, *, resume: bool = False, force: bool = False) -> Path:
+    """The comparison directory, created and checked writable. A non-empty one is refused
+    (``ValueError``) unless ``resume`` (reuse its finished runs) or ``force`` (overwrite: its
+    results and figures are removed, its runs retrained)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{str(out)!r} is a file, not a directory")
+    if out.exists() and any(out.iterdir()) and not (resume or force):
+        raise ValueError(f"comparison directory {str(out)!r} exists and is not empty; pass --resume "
+                         "to reuse its finished runs or --force to overwrite it")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"cannot write to comparison directory {str(out)!r}: {e.strerror}") from None
+    if force and not resume:
+        for name in ("results.json", "results.md"):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "figures", ignore_errors=True)
+    return out
+
+
+def compare(spec: GridSpec, out: str | Path, *, jobs: int | None = None, resume: bool = False,
+            force: bool = False, figures: bool = True, command: str = "", log=None) -> Comparison:
+    """Train and evaluate every run of ``spec`` into ``out`` and write ``results.json``,
+    ``results.md`` and (unless ``figures`` is false) ``figures/``: what ``pdiff compare`` does.
+    ``jobs`` runs at a time (default: one per CPU); progress lines go to the stream ``log``."""
+    runs = spec.configs()  # every configuration checked before anything is written
+    out = prepare_out(out, resume=resume, force=force)
+    jobs = jobs or min(os.cpu_count() or 1, len(runs))
+    say = (lambda msg: print(msg, file=log, flush=True)) if log is not None else (lambda msg: None)
+    shape = " x ".join(f"{len(v)} {k}" for k, v in spec.axes.items())
+    say(f"pdiff compare: {len(runs)} runs ({shape} x {len(spec.seeds)} seeds) on {spec.base.data}, "
+        f"{spec.base.iterations} iterations each, {jobs} at a time")
+    start = time.perf_counter()
+
+    def report(r: dict, done: int, total: int) -> None:
+        if r.get("status") == "ok":
+            e = r["eval"]
+            gap = f", gap {e['gap_nats']:.3f}" if e.get("gap_nats") is not None else ""
+            took = "reused" if r.get("reused") else f"{r.get('train_seconds', 0):.0f} s"
+            msg = f"NLL bound {e['nll_nats']:.3f}{gap} ({took})"
+        else:
+            msg = f"FAILED: {r.get('error')}"
+        say(f"  [{done}/{total}] {r['name']}: {msg}")
+
+    records = run_grid(spec, out, jobs=jobs, resume=resume, force=force, on_result=report)
+    rows = summarize(records)
+    made = comparison_figures(out, spec, records, rows) if figures else []
+    write_results(out, spec, records, rows, command=command or f"compare({spec!r})",
+                  wall_seconds=time.perf_counter() - start, figures=made)
+    return Comparison(spec, records, rows, made)
 
 
 # -- summaries -------------------------------------------------------------------------------------
@@ -238,16 +330,16 @@ def _mean_se(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def summarize(records: list[dict]) -> list[dict]:
-    """One row per (objective, variance), in grid order: means and standard errors across the
-    seeds that finished, the failed seeds named."""
-    rows: dict[tuple[str, str], list[dict]] = {}
+    """One row per cell, in grid order: means and standard errors across the seeds that
+    finished, the failed seeds named."""
+    rows: dict[tuple, list[dict]] = {}
     for r in records:
-        rows.setdefault((r["objective"], r["variance"]), []).append(r)
+        rows.setdefault(tuple(r["cell"].items()), []).append(r)
     out = []
-    for (objective, variance), rs in rows.items():
+    for key, rs in rows.items():
         ok = [r for r in rs if r.get("status") == "ok"]
         ev = [r["eval"] for r in ok]
-        row = {"objective": objective, "variance": variance, "runs": len(rs), "ok": len(ok),
+        row = {"cell": dict(key), "runs": len(rs), "ok": len(ok),
                "failed": {r["name"]: r.get("error", "") for r in rs if r.get("status") != "ok"}}
         for key, values in {
             "nll_nats": [e["nll_nats"] for e in ev],
@@ -274,20 +366,22 @@ def _fmt(m, se, digits: int = 3) -> str:
 
 
 def results_table(rows: list[dict]) -> str:
-    """The summary as a Markdown table (what ``pdiff compare`` prints)."""
-    head = ("| objective | variance | seeds ok | NLL bound (nats) | gap to H (nats) | L_T | L_0 "
-            "| Σ L_{t-1} | energy distance | sliced W2 | train time (s) |")
-    lines = [head, "|" + "---|" * 11]
+    """The summary as a Markdown table (what ``pdiff compare`` prints): one column per axis."""
+    axes = list(rows[0]["cell"]) if rows else []
+    cols = axes + ["seeds ok", "NLL bound (nats)", "gap to H (nats)", "L_T", "L_0", "Σ L_{t-1}",
+                   "energy distance", "sliced W2", "train time (s)"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
+        cell = [str(v) for v in r["cell"].values()]
         ok = f"{r['ok']}/{r['runs']}"
         if r["ok"] == 0:
             reason = next(iter(r["failed"].values()), "").replace("|", "/")[:80]
-            lines.append(f"| {r['objective']} | {r['variance']} | {ok} | failed: {reason} |" + " |" * 7)
+            lines.append("| " + " | ".join(cell + [ok, f"failed: {reason}"] + [""] * 7) + " |")
             continue
-        lines.append(" | ".join([
-            f"| {r['objective']}", r["variance"], ok + (" (failed: " + ", ".join(r["failed"]) + ")"
-                                                        if r["failed"] else ""),
-            _fmt(r["nll_nats"], r["nll_nats_se"]), _fmt(r["gap_nats"], r["gap_nats_se"]),
+        if r["failed"]:
+            ok += " (failed: " + ", ".join(r["failed"]) + ")"
+        lines.append("| " + " | ".join(cell + [
+            ok, _fmt(r["nll_nats"], r["nll_nats_se"]), _fmt(r["gap_nats"], r["gap_nats_se"]),
             _fmt(r["prior_nats"], None, 4), _fmt(r["decoder_nats"], None),
             _fmt(r["transition_nats"], None),
             _fmt(r["energy_distance"], r["energy_distance_se"], 4),
@@ -312,8 +406,8 @@ def write_results(out: str | Path, spec: GridSpec, records: list[dict], rows: li
     entropy = entropy_mc(data, 100_000, generator=torch.Generator().manual_seed(1_000_003))
     info = machine_info()
     doc = {"command": command, "machine": info, "wall_seconds": wall_seconds,
-           "base_config": asdict(spec.base), "objectives": list(spec.objectives),
-           "variances": list(spec.variances), "seeds": list(spec.seeds),
+           "base_config": asdict(spec.base), "axes": {k: list(v) for k, v in spec.axes.items()},
+           "seeds": list(spec.seeds),
            "eval_samples": spec.eval_samples, "metric_samples": spec.metric_samples,
            "entropy_nats": entropy[0], "entropy_stderr": entropy[1],
            "summary": rows, "runs": records,
@@ -327,10 +421,13 @@ def write_results(out: str | Path, spec: GridSpec, records: list[dict], rows: li
           f"Command: `{command}`", "",
           f"Measured {info['date']} on {info['cpus']} CPUs ({info['platform']}, torch {info['torch']}"
           + (f", {info['cuda']}" if info["cuda"] else "") + f"); {wall_seconds / 60:.1f} min wall.", "",
-          f"Data entropy H: {ent}. Schedule {b.schedule}, T = {b.timesteps}, prediction "
-          f"{b.prediction}, decoder variance {b.decoder_variance}, rescale {b.rescale}; "
-          f"{b.iterations} iterations of batch {b.batch_size}; seeds {', '.join(map(str, spec.seeds))}; "
-          f"bound on {spec.eval_samples} test points per run, sample metrics on {spec.metric_samples}.",
+          f"Data entropy H: {ent}. Grid: " + "; ".join(f"{k} in {{{', '.join(map(str, v))}}}"
+                                                      for k, v in spec.axes.items())
+          + f"; seeds {', '.join(map(str, spec.seeds))}. Fixed: " + ", ".join(
+              f"{k} {v}" for k, v in asdict(b).items()
+              if k not in spec.axes and k not in ("seed", "log_every", "checkpoint_every", "data"))
+          + f". Bound on {spec.eval_samples} test points per run, sample metrics on "
+          f"{spec.metric_samples}.",
           "",
           results_table(rows), "",
           "NLL bound: L_T + Σ L_{t-1} + L_0 in nats (data units), mean over seeds ± its standard "
@@ -341,7 +438,7 @@ def write_results(out: str | Path, spec: GridSpec, records: list[dict], rows: li
           "perfect model) and sliced Wasserstein-2: model samples against held-out test points.",
           ""]
     if best is not None:
-        md += [f"Lowest bound: **{best['objective']} / {best['variance']}**, "
+        md += [f"Lowest bound: **{spec.label(best['cell'])}**, "
                f"{_fmt(best['nll_nats'], best['nll_nats_se'])} nats.", ""]
     failed = [r for r in records if r.get("status") != "ok"]
     if failed:
@@ -357,7 +454,7 @@ def write_results(out: str | Path, spec: GridSpec, records: list[dict], rows: li
 def comparison_figures(out: str | Path, spec: GridSpec, records: list[dict], rows: list[dict], *,
                        seed: int = 0) -> list[Path]:
     """The tutorials' figures for a finished grid, into ``out/figures``: the data, the schedule,
-    the forward diffusion (PNG and GIF), the per-t bound terms of every (objective, variance) on
+    the forward diffusion (PNG and GIF), the per-t bound terms of every cell on
     one plot, loss curves per objective, every model's samples against the data, and for the run
     with the lowest bound its predicted against true noise, reverse chains and noise field."""
     from . import figures as F
@@ -374,52 +471,55 @@ def comparison_figures(out: str | Path, spec: GridSpec, records: list[dict], row
     density = data.log_prob if has_exact_density(data) else None
     rescaling = fit_rescaling(base.rescale, data, dim)
     x0 = rescaling.apply(train.double())
-    schedule = make_schedule(base.schedule, base.timesteps)
+    # the schedule figures show the first schedule of the grid (or the base one)
+    sched_name = spec.axes.get("schedule", (base.schedule,))[0]
+    T = spec.axes.get("timesteps", (base.timesteps,))[0]
+    schedule = make_schedule(sched_name, T)
     made = [F.plot_data(train, fig_dir / "data.png", title=f"{base.data}: training data", density=density),
-            F.plot_schedule(schedule, fig_dir / "schedule.png",
-                            title=f"{base.schedule} schedule, T = {base.timesteps}"),
+            F.plot_schedule(schedule, fig_dir / "schedule.png", title=f"{sched_name} schedule, T = {T}"),
             F.plot_forward_diffusion(schedule, x0[:1000], fig_dir / "forward.png", generator=gen()),
             F.animate_forward_diffusion(schedule, x0[:1000], fig_dir / "forward.gif", generator=gen())]
     ok_rows = [r for r in rows if r["ok"]]
     if ok_rows:
-        made.append(F.plot_bound_terms({f"{r['objective']} / {r['variance']}": r["terms_nats"]
-                                        for r in ok_rows}, fig_dir / "bound_terms.png", logx=True,
+        made.append(F.plot_bound_terms({spec.label(r["cell"]): r["terms_nats"] for r in ok_rows},
+                                       fig_dir / "bound_terms.png", logx=True,
                                        title=f"{base.data}: mean term of each step t (nats)"))
-    for objective in spec.objectives:
-        curves = {}
-        for r in records:
-            if r["objective"] == objective and r["seed"] == spec.seeds[0]:
-                path = Path(r["run_dir"]) / "metrics.jsonl"
-                if path.is_file():
-                    lines = [json.loads(ln) for ln in path.read_text().splitlines() if ln]
-                    if lines:
-                        curves[r["variance"]] = ([ln["step"] for ln in lines], [ln["loss"] for ln in lines])
-        if curves:
-            made.append(F.plot_loss_curves(curves, fig_dir / f"loss_{objective}.png",
-                                           ylabel=f"{objective} loss", logy=objective != "vlb",
-                                           title=f"{base.data}: {objective} loss (seed {spec.seeds[0]})"))
+    first_seed = [r for r in records if r["seed"] == spec.seeds[0]]
+    # loss curves: one figure per objective (their scales differ), one curve per other cell value
+    by_objective: dict[str, dict] = {}
+    for r in first_seed:
+        objective = r["cell"].get("objective", base.objective)
+        rest = {k: v for k, v in r["cell"].items() if k != "objective"}
+        path = Path(r["run_dir"]) / "metrics.jsonl"
+        lines = ([json.loads(ln) for ln in path.read_text().splitlines() if ln]
+                 if path.is_file() else [])
+        if lines:
+            by_objective.setdefault(objective, {})[spec.label(rest) if rest else objective] = (
+                [ln["step"] for ln in lines], [ln["loss"] for ln in lines])
+    for objective, curves in by_objective.items():
+        made.append(F.plot_loss_curves(curves, fig_dir / f"loss_{objective}.png",
+                                       ylabel=f"{objective} loss", logy=objective != "vlb",
+                                       title=f"{base.data}: {objective} loss (seed {spec.seeds[0]})"))
     samples = {}
-    for r in records:
+    for r in first_seed:
         path = Path(r["run_dir"]) / SAMPLES_FILE
-        if r.get("status") == "ok" and r["seed"] == spec.seeds[0] and path.is_file():
-            samples[f"{r['objective']} / {r['variance']}"] = torch.load(path)
+        if r.get("status") == "ok" and path.is_file():
+            samples[spec.label(r["cell"])] = torch.load(path)
     if samples:
         made.append(F.plot_samples_grid(samples, test, fig_dir / "samples.png", density=density,
                                         title=f"{base.data}: samples of each model (seed "
                                               f"{spec.seeds[0]}) against held-out data"))
     best = min(ok_rows, key=lambda r: r["nll_nats"], default=None)
     if best is not None:
-        rec = next((r for r in records if r["objective"] == best["objective"]
-                    and r["variance"] == best["variance"] and r.get("status") == "ok"), None)
+        rec = next((r for r in records if r["cell"] == best["cell"] and r.get("status") == "ok"), None)
         if rec is not None:
             run = load_run(rec["run_dir"])
             xs = run.rescaling.apply(test.double()).float()
-            label = f"{best['objective']} / {best['variance']}"
             made.append(F.plot_noise_prediction(run.model, xs[:1000], fig_dir / "best_noise_prediction.png",
                                                 generator=gen()))
             made.append(F.plot_reverse(run.model, xs[:1000], fig_dir / "best_reverse.png", generator=gen()))
             made.append(F.plot_noise_field(run.model, fig_dir / "best_noise_field.png", dim=dim,
                                            lim=float(xs.abs().max()) * 1.1, dtype=torch.float32))
-            atomic_write_text(f"figures best_*.png: run {rec['name']} ({label})\n",
+            atomic_write_text(f"figures best_*.png: run {rec['name']} ({spec.label(best['cell'])})\n",
                               fig_dir / "best_run.txt")
     return made

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 
-from .data import Rescaling, fit_rescaling, get_toy, toy_split
-from .distributions.reverse import LEARNED_VARIANCES, ReverseProcess
+from .data import RESCALINGS, TOY_DATASETS, Rescaling, fit_rescaling, get_toy, toy_split
+from .distributions.reverse import DECODER_VARIANCES, LEARNED_VARIANCES, VARIANCES, ReverseProcess
 from .markov import forward_guide, model as markov_model, posterior_guide
-from .nets import MeanVarianceNets, MLPDenoiser
-from .objectives import get_objective, make_sampler
-from .schedules import make_schedule
+from .nets import EMBEDDINGS, MeanVarianceNets, MLPDenoiser
+from .objectives import OBJECTIVES, SAMPLERS, get_objective, make_sampler
+from .parameterization import PREDICTIONS
+from .schedules import SCHEDULES, make_schedule
 
 ENGINES = ("torch", "pyro")
 CHECKPOINT = "checkpoint.pt"
@@ -65,10 +66,18 @@ class TrainConfig:
     log_every: int = 50
     checkpoint_every: int = 1000
 
+    CHOICES = {"data": tuple(sorted(TOY_DATASETS)), "variance": VARIANCES, "prediction": PREDICTIONS,
+               "schedule": SCHEDULES, "decoder_variance": DECODER_VARIANCES, "rescale": RESCALINGS,
+               "embedding": EMBEDDINGS, "net": ("mlp", "mean_variance"), "engine": ENGINES,
+               "objective": OBJECTIVES, "sampler": SAMPLERS}
+
     def validate(self) -> "TrainConfig":
         """Refuse inconsistent options with a ``ValueError`` naming what is valid."""
         get_objective(self.objective)
         make_sampler(self.sampler, 1)
+        for name, valid in self.CHOICES.items():
+            if getattr(self, name) not in valid:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; valid: {', '.join(valid)}")
         if self.engine not in ENGINES:
             raise ValueError(f"unknown engine {self.engine!r}; valid: {', '.join(ENGINES)}")
         if self.engine == "pyro" and self.objective not in ("vlb", "trajectory"):
