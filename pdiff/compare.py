@@ -122,16 +122,22 @@ class GridSpec:
     metric_samples: int = 1000
 
     def __post_init__(self):
-        known = {f.name for f in fields(TrainConfig)} - {"seed"}
+        known = {f.name for f in fields(TrainConfig)} - {"seed", "data"}
         bad = [a for a in self.axes if a not in known]
         if bad:
             raise ValueError(f"cannot vary {', '.join(map(repr, bad))}: an axis must be a training "
-                             f"option other than seed ({', '.join(sorted(known))})")
+                             f"option other than seed and data (one dataset per comparison): "
+                             f"{', '.join(sorted(known))}")
         if not self.axes or any(len(v) == 0 for v in self.axes.values()):
             raise ValueError("a grid needs at least one axis, each with at least one value")
         if not self.seeds:
             raise ValueError("a grid needs at least one seed")
         self.axes = {k: tuple(v) for k, v in self.axes.items()}
+        # a repeated value would give two runs one name and one directory
+        twice = [f"{k} {list(v)}" for k, v in self.axes.items() if len(set(v)) != len(v)]
+        if twice or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("a grid names a value twice: "
+                             + "; ".join(twice or [f"seeds {list(self.seeds)}"]))
 
     def cells(self) -> list[dict]:
         return [dict(zip(self.axes, values)) for values in itertools.product(*self.axes.values())]
@@ -152,18 +158,21 @@ class GridSpec:
                 cfg = replace(self.base, seed=seed, **cell)
                 try:
                     cfg.validate()
+                    # checked per run: test_size may itself be an axis
+                    if self.eval_samples > cfg.test_size or self.metric_samples > cfg.test_size:
+                        raise ValueError(f"eval and metric samples ({self.eval_samples}, "
+                                         f"{self.metric_samples}) must not exceed the test split "
+                                         f"({cfg.test_size} points)")
                 except ValueError as e:
                     what = ", ".join(f"{k} {v!r}" for k, v in cell.items())
                     raise ValueError(f"{what}: {e}") from None
                 out.append((self.run_name(cell, seed), cell, cfg))
-        if self.eval_samples > self.base.test_size or self.metric_samples > self.base.test_size:
-            raise ValueError(f"eval and metric samples ({self.eval_samples}, {self.metric_samples}) "
-                             f"must not exceed the test split ({self.base.test_size} points)")
         return out
 
 
-def _finished(run_dir: Path, cfg: TrainConfig) -> dict | None:
-    """The saved evaluation of a run already trained to the end with this configuration."""
+def _finished(run_dir: Path, cfg: TrainConfig, eval_samples: int, metric_samples: int) -> dict | None:
+    """The saved evaluation of a run already trained to the end with this configuration and
+    evaluated on as many points."""
     ev, conf = run_dir / EVAL_FILE, run_dir / "config.json"
     if not (ev.is_file() and conf.is_file() and (run_dir / CHECKPOINT).is_file()):
         return None
@@ -172,18 +181,24 @@ def _finished(run_dir: Path, cfg: TrainConfig) -> dict | None:
         same = json.loads(conf.read_text()) == asdict(cfg)
     except (OSError, ValueError):
         return None
-    return saved if same and saved.get("status") == "ok" else None
+    same_eval = (saved.get("eval_samples") == eval_samples
+                 and saved.get("metric_samples") == metric_samples)
+    return saved if same and same_eval and saved.get("status") == "ok" else None
 
 
 def run_one(name: str, cell: dict, cfg: TrainConfig, run_dir: str | Path, *, eval_samples: int,
             metric_samples: int, resume: bool, force: bool, threads: int | None = None,
+            dtype: torch.dtype | None = None,
             progress: bool = False) -> dict:
     """Train (or resume) and evaluate one run; a failure is returned as a record, not raised."""
     run_dir = Path(run_dir)
     if threads:
         torch.set_num_threads(threads)
-    record = {"name": name, "cell": cell, "seed": cfg.seed, "run_dir": str(run_dir)}
-    if resume and (done := _finished(run_dir, cfg)) is not None:
+    if dtype is not None:  # a worker process starts in float32 whatever its parent uses
+        torch.set_default_dtype(dtype)
+    record = {"name": name, "cell": cell, "seed": cfg.seed, "run_dir": str(run_dir),
+              "eval_samples": eval_samples, "metric_samples": metric_samples}
+    if resume and (done := _finished(run_dir, cfg, eval_samples, metric_samples)) is not None:
         return done | record | {"reused": True}
     try:
         wall, cpu = time.perf_counter(), time.process_time()
@@ -229,7 +244,8 @@ def run_grid(spec: GridSpec, out: str | Path, *, jobs: int = 1, resume: bool = F
     else:
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(run_one, name, cell, cfg, root / name, threads=threads, **kw): name
+            futures = {pool.submit(run_one, name, cell, cfg, root / name, threads=threads,
+                                   dtype=torch.get_default_dtype(), **kw): name
                        for name, cell, cfg in runs}
             try:
                 for fut in as_completed(futures):
@@ -350,6 +366,7 @@ def summarize(records: list[dict]) -> list[dict]:
             "energy_distance": [e.get("energy_distance") for e in ev],
             "sliced_wasserstein": [e.get("sliced_wasserstein") for e in ev],
             "train_seconds": [r.get("train_seconds") for r in ok],
+            "train_cpu_seconds": [r.get("train_cpu_seconds") for r in ok],
         }.items():
             row[key], row[key + "_se"] = _mean_se(values)
         if ev:
@@ -369,7 +386,7 @@ def results_table(rows: list[dict]) -> str:
     """The summary as a Markdown table (what ``pdiff compare`` prints): one column per axis."""
     axes = list(rows[0]["cell"]) if rows else []
     cols = axes + ["seeds ok", "NLL bound (nats)", "gap to H (nats)", "L_T", "L_0", "Σ L_{t-1}",
-                   "energy distance", "sliced W2", "train time (s)"]
+                   "energy distance", "sliced W2", "train s (wall / CPU)"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cell = [str(v) for v in r["cell"].values()]
@@ -386,7 +403,7 @@ def results_table(rows: list[dict]) -> str:
             _fmt(r["transition_nats"], None),
             _fmt(r["energy_distance"], r["energy_distance_se"], 4),
             _fmt(r["sliced_wasserstein"], r["sliced_wasserstein_se"]),
-            _fmt(r["train_seconds"], None, 0)]) + " |")
+            _fmt(r["train_seconds"], None, 0) + " / " + _fmt(r["train_cpu_seconds"], None, 0)]) + " |")
     return "\n".join(lines)
 
 

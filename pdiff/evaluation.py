@@ -21,7 +21,8 @@ class BoundReport:
 
     ``gap_nats`` estimates E_x[bound(x) + log p_data(x)] = nll - H. When the data's log density at
     the test points is given it is the paired mean of bound(x_i) + log p_data(x_i) over the same
-    points (its standard error is that of the difference, far smaller than either's); otherwise
+    points (its standard error is that of the difference, smaller than the bound's alone when the
+    bound tracks log p_data); otherwise
     nll minus the separate entropy estimate, with the two standard errors combined.
     """
 

@@ -487,7 +487,7 @@ def plot_loss_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]
             w = min(len(losses), window or max(1, len(losses) // 50))
             ax.plot(steps, losses, color=f"C{k}", lw=0.6, alpha=0.25)
             ax.plot(steps[w - 1:], np.convolve(losses, np.ones(w) / w, mode="valid"),
-                    color=f"C{k}", label=f"{label} (moving average over {w} points)")
+                    color=f"C{k}", label=label if w == 1 else f"{label} (moving average over {w} points)")
         ax.set(xlabel="training step", ylabel=ylabel, yscale="log" if logy else "linear",
                title=title)
         ax.legend()

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from pdiff.cli import main
+from pdiff.compare import draw_samples
 from pdiff.data import get_toy
+from pdiff.train import load_run
 
 TINY = ["--timesteps", "20", "--samples", "200", "--entropy-samples", "2000", "--seed", "0"]
 
@@ -121,3 +123,112 @@ def test_console_script_exit_code():
     proc = subprocess.run([sys.executable, "-m", "pdiff.cli", "evaluate", "--data", "mixture1d",
                            "--variance", "learned"], capture_output=True, text=True)
     assert proc.returncode == 2 and "error" in proc.stderr
+
+
+# -- pdiff sample and pdiff evaluate --checkpoint on a tiny trained run ----------------------------
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A tiny run on 2-D data (T = 5), with a 200-point test split."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", "--data", "clusters8", "--rescale", "standardize",
+                 "--objective", "simple", "--variance", "fixed_large", "--timesteps", "5",
+                 "--iterations", "20", "--batch-size", "32", "--hidden", "16", "--depth", "1",
+                 "--train-size", "500", "--test-size", "200", "--out", str(out),
+                 "--no-progress"]) == 0
+    return out
+
+
+def _read(path):
+    if path.suffix == ".npy":
+        return np.load(path)
+    return np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None, ndmin=2)
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".csv", ".txt"])
+def test_sample_writes_the_samples(run_dir, tmp_path, capsys, suffix):
+    path = tmp_path / ("samples" + suffix)
+    code, out, _ = run(["sample", "--checkpoint", str(run_dir), "--num", "30", "--out", str(path),
+                        "--seed", "4"], capsys)
+    assert code == 0
+    x = _read(path)
+    assert x.shape == (30, 2)
+    expected = draw_samples(load_run(run_dir), 30, seed=4).numpy()
+    np.testing.assert_allclose(x, expected, rtol=0 if suffix == ".npy" else 1e-7, atol=0)
+    r = json.loads(out)
+    assert (r["num"], r["dim"], r["sampling_timesteps"]) == (30, 2, 5)
+    np.testing.assert_allclose(r["mean"], expected.mean(0), rtol=1e-6)
+
+
+def test_sample_seed_steps_and_figure(run_dir, tmp_path, capsys):
+    def sample(name, *extra):
+        code, _, err = run(["sample", "--checkpoint", str(run_dir), "--num", "40",
+                            "--out", str(tmp_path / name), *extra], capsys)
+        assert code == 0, err
+        return np.load(tmp_path / name)
+
+    a, b = sample("a.npy", "--seed", "1"), sample("b.npy", "--seed", "1")
+    c = sample("c.npy", "--seed", "2")
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    short = sample("short.npy", "--seed", "1", "--sampling-timesteps", "2",
+                   "--figure", str(tmp_path / "samples.png"))
+    assert short.shape == (40, 2) and not np.array_equal(short, a)
+    png = (tmp_path / "samples.png").read_bytes()
+    assert len(png) > 1000 and png.startswith(b"\x89PNG")
+
+
+def test_sample_mistakes_exit_2_and_overwrite_nothing(run_dir, tmp_path, capsys):
+    existing = tmp_path / "mine.npy"
+    np.save(existing, np.arange(3.0))
+    figure = tmp_path / "old.png"
+    figure.write_bytes(b"an older figure")
+    before = existing.read_bytes()
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "checkpoint.pt").write_bytes(b"not a checkpoint")
+
+    def sample(checkpoint, out, *extra):
+        return run(["sample", "--checkpoint", str(checkpoint), "--num", "10", "--out", str(out),
+                    *extra], capsys)
+
+    for args, message in [
+        ((run_dir, existing), "exists; pass --force"),
+        ((run_dir, tmp_path / "s.json"), "unknown format '.json'; valid: .npy, .csv, .txt"),
+        ((run_dir, tmp_path / "s"), "unknown format '(none)'"),
+        ((run_dir, tmp_path / "no" / "s.npy"), "does not exist"),
+        ((tmp_path / "missing", tmp_path / "s.npy"), "no checkpoint"),
+        ((corrupt, tmp_path / "s.npy"), "corrupt or not a pdiff checkpoint"),
+        ((run_dir, tmp_path / "s.npy", "--sampling-timesteps", "6"),
+         "sampling timesteps must be in 1..5"),
+        ((run_dir, tmp_path / "s.npy", "--figure", str(tmp_path / "f.jpg")), "expected a .png"),
+        ((run_dir, tmp_path / "s.npy", "--figure", str(figure)),
+         f"figure {str(figure)!r} exists; pass --force"),
+    ]:
+        code, _, err = sample(*args)
+        assert code == 2 and message in err and "Traceback" not in err, (args, err)
+    assert existing.read_bytes() == before
+    assert figure.read_bytes() == b"an older figure"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt", "mine.npy", "old.png"]
+    code, _, _ = sample(run_dir, existing, "--force")
+    assert code == 0 and np.load(existing).shape == (10, 2)
+
+
+def test_evaluate_checkpoint_reports_sample_metrics(run_dir, capsys):
+    base = ["evaluate", "--checkpoint", str(run_dir), "--samples", "100",
+            "--entropy-samples", "1000", "--json"]
+    code, out, _ = run(base + ["--metric-samples", "50"], capsys)
+    assert code == 0
+    r = json.loads(out)
+    assert r["metric_samples"] == 50 and r["num_samples"] == 100 and r["step"] == 20
+    assert r["energy_distance"] > 0 and r["sliced_wasserstein"] > 0  # an untrained model is far off
+    assert "_samples" not in r
+    code, out, _ = run(base, capsys)
+    assert code == 0 and json.loads(out)["metric_samples"] == 200  # default: the whole test split
+    code, out, _ = run(base + ["--metric-samples", "0"], capsys)
+    r = json.loads(out)
+    assert code == 0 and not {"energy_distance", "sliced_wasserstein", "metric_samples"} & set(r)
+    code, out, _ = run(base[:-1] + ["--metric-samples", "50"], capsys)
+    assert code == 0 and "energy distance" in out and "sliced W2" in out
+    code, _, err = run(base + ["--metric-samples", "201"], capsys)
+    assert code == 2 and "metric samples (201) exceeds the run's test split (200 points)" in err

@@ -87,6 +87,20 @@ def test_bound_terms_and_loss_curves(case, tmp_path):
     _written(F.plot_loss_curves({"short": ([0, 1], [2.0, 1.0])}, tmp_path / "short.png"))
 
 
+def test_samples_grid(case, tmp_path):
+    data, x, _ = case
+    samples = {"model a": x + 0.5, "model b": x[:10] * 2}
+    _written(F.plot_samples_grid(samples, x, tmp_path / "samples.png", density=data.log_prob))
+    _written(F.plot_samples_grid({"only": x}, x, tmp_path / "one.png", ncols=1))
+    other = torch.zeros(5, 3 - x.shape[1])  # the other dimension
+    with pytest.raises(ValueError, match=f"samples 'b' have D = {other.shape[1]}, the data D = "
+                                         f"{x.shape[1]}"):
+        F.plot_samples_grid({"a": x, "b": other}, x, tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="at least one labelled set"):
+        F.plot_samples_grid({}, x, tmp_path / "none.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.png", "samples.png"]
+
+
 def test_no_pyplot_figure_is_left_open(tmp_path):
     import matplotlib.pyplot as plt
 
@@ -112,6 +126,7 @@ def test_three_dimensions_are_refused_where_they_cannot_be_drawn(case3d, schedul
                                                                          tmp_path / "c.gif"),
         "plot_reverse": lambda: F.plot_reverse(model, x, tmp_path / "d.png", num=5),
         "plot_noise_field": lambda: F.plot_noise_field(model, tmp_path / "e.png", dim=3),
+        "plot_samples_grid": lambda: F.plot_samples_grid({"model": x}, x, tmp_path / "f.png"),
     }
     for name, call in calls.items():
         with pytest.raises(ValueError, match=f"{name} draws 1D or 2D data, got D = 3"):

@@ -1,0 +1,13 @@
+"""Preset grids for the tutorial systems, one module per study, each run through
+``pdiff.compare.compare`` (see README.md here). Every module has ``spec(quick=False) -> GridSpec``
+and ``main(argv=None) -> int``; ``python -m experiments.NAME --help`` lists the options."""
+
+# module name -> what it reproduces; tests/test_experiments.py smoke-runs every entry and fails
+# when a module here is missing from the list.
+EXPERIMENTS = {
+    "mixture1d_mean_variance": "1D mixture, separate mean and variance networks on the bound, "
+                               "T = 250, constant beta = 0.02",
+    "clusters8_schedules": "8 clusters, linear against quadratic schedule, sinusoidal-embedding MLP, "
+                           "T = 250",
+    "moons_polynomial": "2D moons scaled to [-1, 1], T = 10, polynomial schedule",
+}
