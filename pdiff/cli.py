@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--samples", type=_positive_int, default=4000, help="test points")
     ev.add_argument("--entropy-samples", type=_positive_int, default=100_000,
                     help="Monte Carlo draws for the data entropy")
-    ev.add_argument("--chunk-size", type=_positive_int, default=65536,
+    ev.add_argument("--chunk-size", type=_positive_int, default=16384,
                     help="(example, step) pairs evaluated at once; bounds the memory")
     ev.add_argument("--metric-samples", type=_nonnegative_int, default=None,
                     help="with --checkpoint: model samples for the energy distance and sliced W2 "

@@ -62,7 +62,7 @@ def draw_samples(run: Run, num: int, *, seed: int = 0, sampling_timesteps: int |
 
 
 def evaluate_run(run: Run, *, samples: int = 4000, seed: int = 0, metric_samples: int = 0,
-                 entropy_samples: int = 100_000, chunk_size: int = 65536,
+                 entropy_samples: int = 100_000, chunk_size: int = 16384,
                  x: torch.Tensor | None = None) -> dict:
     """The run's bound on the first ``samples`` points of its test split (or on ``x``, in data
     units), as ``BoundReport.to_dict()``; with ``metric_samples`` > 0 also the energy distance and

@@ -71,7 +71,7 @@ def sample_xt(model: ReverseProcess, x0: torch.Tensor, t: torch.Tensor,
     return xt_from_x0(model.schedule, x0, t, eps, model.event_dims), eps
 
 
-def full_bound(model: ReverseProcess, x0: torch.Tensor, *, chunk_size: int = 65536,
+def full_bound(model: ReverseProcess, x0: torch.Tensor, *, chunk_size: int = 16384,
                generator: torch.Generator | None = None) -> Bound:
     """Every term of the bound for every example (the evaluation estimator), with no gradients.
 

@@ -45,7 +45,7 @@ class BoundReport:
 
 def bound_report(model: ReverseProcess, x: torch.Tensor, *, log_jacobian: float = 0.0,
                  entropy: tuple[float | None, float | None] = (None, None),
-                 data_log_prob: torch.Tensor | None = None, chunk_size: int = 65536,
+                 data_log_prob: torch.Tensor | None = None, chunk_size: int = 16384,
                  generator: torch.Generator | None = None) -> BoundReport:
     """Evaluate every term of the bound on the (already rescaled) examples ``x``, shape (N,) + event.
 

@@ -2,8 +2,8 @@
 
 A run directory holds ``config.json``, ``checkpoint.pt`` (weights, EMA weights, optimizer, step,
 RNG state, timestep-sampler state, configuration, rescaling) and ``metrics.jsonl`` (one line per
-logged step). Every random draw of training comes from one ``torch.Generator`` saved in the
-checkpoint, so a resumed run reproduces an uninterrupted one exactly (on the same device).
+logged step: the mean loss over the steps since the previous line). Every random draw of training
+comes from one ``torch.Generator`` saved in the checkpoint, so a resumed run reproduces an uninterrupted one exactly (on the same device).
 """
 from __future__ import annotations
 
@@ -281,6 +281,7 @@ class Trainer:
                    dynamic_ncols=True)
         log = (self.out / "metrics.jsonl").open("a")
         last, t0, done_since = {}, time.perf_counter(), 0
+        loss_sum = torch.zeros((), device=self.device)  # summed on the device: no sync per step
         try:
             while self.step < cfg.iterations:
                 idx = torch.randint(n, (cfg.batch_size,), generator=self.gen, device=self.device)
@@ -297,15 +298,17 @@ class Trainer:
                 self._update_ema()
                 self.step += 1
                 done_since += 1
+                loss_sum += loss.detach()
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.iterations:
                     elapsed = time.perf_counter() - t0
-                    last = {"step": self.step, "loss": loss.item(), "lr": self._lr(),
+                    last = {"step": self.step, "loss": (loss_sum / done_since).item(), "lr": self._lr(),
                             "it_per_s": done_since / elapsed if elapsed > 0 else math.nan}
                     log.write(json.dumps(last) + "\n")
                     log.flush()
-                    bar.set_postfix(loss=f"{loss.item():.4f}")
+                    bar.set_postfix(loss=f"{last['loss']:.4f}")
                     t0, done_since = time.perf_counter(), 0
+                    loss_sum.zero_()
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.iterations:
                     self.save()
         finally:
