@@ -3,7 +3,8 @@
 A run directory holds ``config.json``, ``checkpoint.pt`` (weights, EMA weights, optimizer, step,
 RNG state, timestep-sampler state, configuration, rescaling) and ``metrics.jsonl`` (one line per
 logged step: the mean loss over the steps since the previous line). Every random draw of training
-comes from one ``torch.Generator`` saved in the checkpoint, so a resumed run reproduces an uninterrupted one exactly (on the same device).
+comes from one ``torch.Generator`` saved in the checkpoint, so a resumed run reproduces an
+uninterrupted one exactly (on the same device).
 """
 from __future__ import annotations
 
