@@ -31,8 +31,8 @@ NAME = "clusters8_schedules"
 
 def spec(quick: bool = False) -> GridSpec:
     """The grid: schedule x variance x 3 seeds on the 8 clusters, T = 250, hybrid loss."""
-    base = TrainConfig(data="clusters8", objective="hybrid", timesteps=250, embedding="sinusoidal",
-                       iterations=3000, batch_size=256, train_size=20_000, test_size=2000)
+    base = TrainConfig(data="clusters8", objective="hybrid", timesteps=250, net="mlp",
+                       embedding="sinusoidal", iterations=3000, batch_size=256, train_size=20_000, test_size=2000)
     full = GridSpec(base=base,
                     axes={"schedule": ("linear", "quadratic"),
                           "variance": ("fixed_small", "fixed_large", "learned_range")},

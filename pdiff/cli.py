@@ -6,13 +6,14 @@ import json
 import shlex
 import sys
 import warnings
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .data import RESCALINGS, TOY_DATASETS, GaussianMixture, check_data, entropy_mc, fit_rescaling, get_toy, has_exact_density
+from .data import IMAGE_DATASETS
 from .data.toy import toy_split
 from .distributions import DECODER_VARIANCES, FIXED_VARIANCES, VARIANCES
 from .nets import EMBEDDINGS
@@ -20,7 +21,8 @@ from .objectives import OBJECTIVES, SAMPLERS
 from .parameterization import PREDICTIONS
 from .compare import draw_samples, evaluate_run
 from .evaluation import bound_report
-from .train import ENGINES, TrainConfig, Trainer, TrainingError, load_run
+from .run_data import is_image_data
+from .train import ENGINES, NETS, TrainConfig, Trainer, TrainingError, load_run
 from .oracle import MixtureDenoiser
 from .schedules import SCHEDULES, NoiseSchedule, make_schedule
 from .distributions.reverse import ReverseProcess
@@ -111,13 +113,18 @@ def cmd_evaluate(args) -> int:
 
 
 def _evaluate_checkpoint(args) -> int:
-    run = load_run(args.checkpoint)
+    run = _load_run_with_data_dir(args)
     cfg = run.config
     dim = run.rescaling.shift.numel()
     x = None
+    if args.data_file and is_image_data(cfg.data):
+        raise UserError("--data-file takes vectors; an image run is evaluated on its dataset's "
+                        "test split (--data-dir to point at the files)")
     if args.data_file:
         x = check_data(_load_array(args.data_file), dim, what=f"data in {args.data_file!r}")
-    metric = args.metric_samples if args.metric_samples is not None else min(2000, cfg.test_size)
+    # sampling images costs T U-Net passes per batch: fewer samples by default
+    default_metric = 256 if is_image_data(cfg.data) else min(2000, cfg.test_size)
+    metric = args.metric_samples if args.metric_samples is not None else default_metric
     report = evaluate_run(run, samples=args.samples, seed=args.seed, metric_samples=metric,
                           entropy_samples=args.entropy_samples, chunk_size=args.chunk_size, x=x)
     report.pop("_samples", None)
@@ -178,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--metric-samples", type=_nonnegative_int, default=None,
                     help="with --checkpoint: model samples for the energy distance and sliced W2 "
                     "to held-out test points (default: 2000 or the test split; 0: none)")
+    ev.add_argument("--data-dir", metavar="DIR", help="with --checkpoint of an image run: where "
+                    "the dataset's files are (default: the run's own --data-dir)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=cmd_evaluate)
@@ -194,10 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory")
     sa.add_argument("--num", type=_positive_int, required=True, help="number of samples")
     sa.add_argument("--out", required=True, metavar="FILE",
-                    help="output file: .npy, .csv or .txt (N x D, in the data's units)")
+                    help="output file: .npy, .csv or .txt (N x D, in the data's units); for "
+                    "images a .png grid or .npy (N, C, H, W) in [-1, 1]")
     sa.add_argument("--sampling-timesteps", type=_positive_int, metavar="K",
                     help="sample on K evenly spaced steps of the run's T (T always kept)")
     sa.add_argument("--figure", metavar="PNG", help="also draw the samples against held-out data")
+    sa.add_argument("--data-dir", metavar="DIR", help="image runs: where the dataset's files are "
+                    "(default: the run's own --data-dir)")
     sa.add_argument("--seed", type=int, default=0)
     sa.add_argument("--force", action="store_true", help="overwrite existing output files")
     sa.set_defaults(func=cmd_sample)
@@ -261,9 +273,9 @@ def _list_of(valid):
 
 def _add_config_args(parser: argparse.ArgumentParser, exclude=(), defaults=None) -> None:
     """One option per ``TrainConfig`` field (``--batch-size`` for ``batch_size``)."""
-    choices = {"data": sorted(TOY_DATASETS), "objective": OBJECTIVES, "variance": VARIANCES,
+    choices = {"data": sorted(TOY_DATASETS) + list(IMAGE_DATASETS), "objective": OBJECTIVES, "variance": VARIANCES,
                "prediction": PREDICTIONS, "schedule": SCHEDULES, "decoder_variance": DECODER_VARIANCES,
-               "sampler": SAMPLERS, "rescale": RESCALINGS, "net": ("mlp", "mean_variance"),
+               "sampler": SAMPLERS, "rescale": RESCALINGS, "net": NETS,
                "embedding": EMBEDDINGS, "engine": ENGINES}
     for f in fields(TrainConfig):
         if f.name in exclude:
@@ -272,7 +284,7 @@ def _add_config_args(parser: argparse.ArgumentParser, exclude=(), defaults=None)
         kw = {"default": default, "help": f"(default: {default})"}
         if f.name in choices:
             kw["choices"] = choices[f.name]
-        elif isinstance(f.default, int):
+        elif f.name == "image_size" or isinstance(f.default, int):
             kw["type"] = int
         elif isinstance(f.default, float):
             kw["type"] = float
@@ -292,6 +304,35 @@ def cmd_train(args) -> int:
 
 
 SAMPLE_FORMATS = (".npy", ".csv", ".txt")
+IMAGE_SAMPLE_FORMATS = (".png", ".npy")
+
+
+def _write_image_samples(run, x: torch.Tensor, out: Path, figure: Path | None, args) -> int:
+    """Images: a PNG grid (atomic) or the (N, C, H, W) array in [-1, 1] as .npy."""
+    from .data import to_uint8_grid
+    from .train import atomic_write_bytes
+
+    levels = run.model.num_levels
+    targets = [out] + ([figure] if figure is not None else [])
+    for path in targets:
+        if path.suffix == ".png":
+            atomic_write_bytes(_png_bytes(to_uint8_grid(x.float(), levels)), path)
+        else:
+            _write_array_atomic(x.float().numpy(), path)
+    print(json.dumps({"out": str(out), "num": args.num, "shape": list(x.shape[1:]),
+                      "sampling_timesteps": args.sampling_timesteps or run.config.timesteps,
+                      "num_levels": levels} | ({"figure": str(figure)} if figure else {})))
+    return 0
+
+
+def _png_bytes(grid: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(grid).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _write_array_atomic(arr: np.ndarray, path: Path) -> None:
@@ -327,19 +368,30 @@ def os_access_w(folder: Path) -> bool:
     return os.access(folder, os.W_OK)
 
 
+def _load_run_with_data_dir(args):
+    run = load_run(args.checkpoint)
+    if getattr(args, "data_dir", None):
+        run.config = replace(run.config, data_dir=args.data_dir)
+    return run
+
+
 def cmd_sample(args) -> int:
     out = Path(args.out)
-    if out.suffix not in SAMPLE_FORMATS:
-        raise UserError(f"--out {args.out!r}: unknown format {out.suffix or '(none)'!r}; valid: "
-                        f"{', '.join(SAMPLE_FORMATS)}")
-    _check_new_file(out, args.force, "output file")
     figure = Path(args.figure) if args.figure else None
+    if figure is not None and figure.suffix != ".png":
+        raise UserError(f"--figure {args.figure!r}: expected a .png file")
+    run = _load_run_with_data_dir(args)
+    image = is_image_data(run.config.data)
+    formats = IMAGE_SAMPLE_FORMATS if image else SAMPLE_FORMATS
+    if out.suffix not in formats:
+        raise UserError(f"--out {args.out!r}: unknown format {out.suffix or '(none)'!r} for "
+                        f"{'image' if image else 'vector'} data; valid: {', '.join(formats)}")
+    _check_new_file(out, args.force, "output file")
     if figure is not None:
-        if figure.suffix != ".png":
-            raise UserError(f"--figure {args.figure!r}: expected a .png file")
         _check_new_file(figure, args.force, "figure")
-    run = load_run(args.checkpoint)
     x = draw_samples(run, args.num, seed=args.seed, sampling_timesteps=args.sampling_timesteps)
+    if image:
+        return _write_image_samples(run, x, out, figure, args)
     _write_array_atomic(x.numpy(), out)
     if figure is not None:
         from .figures import plot_samples_grid
@@ -390,7 +442,7 @@ def cmd_compare(args) -> int:
                     metric_samples=args.metric_samples)
     result = compare(spec, args.out, jobs=args.jobs, resume=args.resume, force=args.force,
                      figures=not args.no_figures, command=args.command_line, log=sys.stderr)
-    print(results_table(result.rows))
+    print(results_table(result.rows, image=is_image_data(spec.base.data)))
     out = Path(args.out)
     print(f"\nresults: {out / 'results.md'}, {out / 'results.json'}"
           + (f"; figures: {out / 'figures'}" if result.figures else ""))

@@ -30,6 +30,7 @@ import torch
 from .data import entropy_mc, get_toy, has_exact_density, toy_split
 from .evaluation import bound_report
 from .metrics import energy_distance, sliced_wasserstein
+from .run_data import is_image_data, load_run_data
 from .sampling import ancestral_sample
 from .train import CHECKPOINT, Run, TrainConfig, Trainer, atomic_write_text, load_run
 
@@ -52,11 +53,11 @@ def draw_samples(run: Run, num: int, *, seed: int = 0, sampling_timesteps: int |
                              f"T), got {sampling_timesteps}")
         model = model.respaced(spaced_steps(model.num_timesteps, sampling_timesteps))
     gen = torch.Generator().manual_seed(seed)
-    dim = run.rescaling.shift.numel()
     parts = []
     for start in range(0, num, chunk):
         n = min(chunk, num - start)
-        parts.append(ancestral_sample(model, (n, dim), generator=gen, dtype=torch.float32).x0)
+        parts.append(ancestral_sample(model, (n,) + tuple(run.event_shape), generator=gen,
+                                      dtype=torch.float32).x0)
     x = torch.cat(parts).double()
     return run.rescaling.invert(x)
 
@@ -70,16 +71,19 @@ def evaluate_run(run: Run, *, samples: int = 4000, seed: int = 0, metric_samples
 
     The gap to the entropy is the paired estimate over the test points (``BoundReport``).
     """
-    cfg = run.config
-    data = get_toy(cfg.data)
+    data = load_run_data(run.config, train=False)
+    density = data.density
     paired = x is None
     if x is None:
-        _, test = toy_split(data, 0, cfg.test_size, cfg.seed)
-        if samples > cfg.test_size:
-            raise ValueError(f"samples ({samples}) exceeds the run's test split ({cfg.test_size} points)")
-        x = test[:samples]
-    entropy = entropy_mc(data, entropy_samples, generator=torch.Generator().manual_seed(seed + 1_000_003))
-    log_px = data.log_prob(x.to(torch.get_default_dtype())) if paired and has_exact_density(data) else None
+        if data.is_image:  # the dataset's own test split: evaluate at most ``samples`` of it
+            samples = min(samples, len(data.test))
+        if samples > len(data.test):
+            raise ValueError(f"samples ({samples}) exceeds the run's test split ({len(data.test)} points)")
+        x = data.test[:samples]
+    entropy = ((None, None) if density is None else
+               entropy_mc(density, entropy_samples, generator=torch.Generator().manual_seed(seed + 1_000_003)))
+    log_px = (density.log_prob(x.to(torch.get_default_dtype()))
+              if paired and density is not None and has_exact_density(density) else None)
     with torch.no_grad():
         report = bound_report(run.model, run.rescaling.apply(x).float(),
                               log_jacobian=run.rescaling.log_abs_det, entropy=entropy,
@@ -93,14 +97,16 @@ def evaluate_run(run: Run, *, samples: int = 4000, seed: int = 0, metric_samples
 def sample_metrics(run: Run, num: int, *, seed: int = 0) -> dict:
     """Energy distance (unbiased, so about 0 for a perfect model) and sliced Wasserstein-2 between
     ``num`` model samples and the last ``num`` points of the run's test split (data units)."""
-    cfg = run.config
-    if num > cfg.test_size:
-        raise ValueError(f"metric samples ({num}) exceeds the run's test split ({cfg.test_size} points)")
-    _, test = toy_split(get_toy(cfg.data), 0, cfg.test_size, cfg.seed)
-    held_out = test[-num:].double()
+    data = load_run_data(run.config, train=False)
+    test = data.test
+    num = min(num, len(test)) if data.is_image else num
+    if num > len(test):
+        raise ValueError(f"metric samples ({num}) exceeds the run's test split ({len(test)} points)")
+    held_out = test[-num:].double().flatten(1)
     x = draw_samples(run, num, seed=seed + 17)
-    return {"energy_distance": energy_distance(x, held_out),
-            "sliced_wasserstein": sliced_wasserstein(x, held_out,
+    flat = x.flatten(1)
+    return {"energy_distance": energy_distance(flat, held_out),
+            "sliced_wasserstein": sliced_wasserstein(flat, held_out,
                                                      generator=torch.Generator().manual_seed(seed)),
             "metric_samples": num, "_samples": x}
 
@@ -158,8 +164,9 @@ class GridSpec:
                 cfg = replace(self.base, seed=seed, **cell)
                 try:
                     cfg.validate()
-                    # checked per run: test_size may itself be an axis
-                    if self.eval_samples > cfg.test_size or self.metric_samples > cfg.test_size:
+                    # checked per run: test_size may itself be an axis (images: their own split,
+                    # evaluated on at most eval_samples test images)
+                    if not is_image_data(cfg.data) and self.eval_samples > cfg.test_size or self.metric_samples > cfg.test_size:
                         raise ValueError(f"eval and metric samples ({self.eval_samples}, "
                                          f"{self.metric_samples}) must not exceed the test split "
                                          f"({cfg.test_size} points)")
@@ -359,6 +366,7 @@ def summarize(records: list[dict]) -> list[dict]:
                "failed": {r["name"]: r.get("error", "") for r in rs if r.get("status") != "ok"}}
         for key, values in {
             "nll_nats": [e["nll_nats"] for e in ev],
+            "bits_per_dim": [e.get("bits_per_dim") for e in ev],
             "gap_nats": [e.get("gap_nats") for e in ev],
             "prior_nats": [e["prior_nats"] for e in ev],
             "decoder_nats": [e["terms_nats"][0] for e in ev],
@@ -370,6 +378,7 @@ def summarize(records: list[dict]) -> list[dict]:
         }.items():
             row[key], row[key + "_se"] = _mean_se(values)
         if ev:
+            row["num_dims"] = ev[0].get("dim")
             T = len(ev[0]["terms_nats"])
             row["terms_nats"] = [sum(e["terms_nats"][i] for e in ev) / len(ev) for i in range(T)]
         out.append(row)
@@ -382,25 +391,37 @@ def _fmt(m, se, digits: int = 3) -> str:
     return f"{m:.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None else "")
 
 
-def results_table(rows: list[dict]) -> str:
-    """The summary as a Markdown table (what ``pdiff compare`` prints): one column per axis."""
+def results_table(rows: list[dict], *, image: bool = False) -> str:
+    """The summary as a Markdown table (what ``pdiff compare`` prints): one column per axis.
+
+    For images the bound and its terms are in bits per dimension (no entropy is known)."""
     axes = list(rows[0]["cell"]) if rows else []
-    cols = axes + ["seeds ok", "NLL bound (nats)", "gap to H (nats)", "L_T", "L_0", "Σ L_{t-1}",
-                   "energy distance", "sliced W2", "train s (wall / CPU)"]
+    if image:
+        cols = axes + ["seeds ok", "bits/dim", "L_T (bpd)", "L_0 (bpd)", "Σ L_{t-1} (bpd)",
+                       "energy distance", "sliced W2", "train s (wall / CPU)"]
+    else:
+        cols = axes + ["seeds ok", "NLL bound (nats)", "gap to H (nats)", "L_T", "L_0", "Σ L_{t-1}",
+                       "energy distance", "sliced W2", "train s (wall / CPU)"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cell = [str(v) for v in r["cell"].values()]
         ok = f"{r['ok']}/{r['runs']}"
         if r["ok"] == 0:
             reason = next(iter(r["failed"].values()), "").replace("|", "/")[:80]
-            lines.append("| " + " | ".join(cell + [ok, f"failed: {reason}"] + [""] * 7) + " |")
+            lines.append("| " + " | ".join(cell + [ok, f"failed: {reason}"]
+                                          + [""] * (len(cols) - len(cell) - 2)) + " |")
             continue
         if r["failed"]:
             ok += " (failed: " + ", ".join(r["failed"]) + ")"
-        lines.append("| " + " | ".join(cell + [
-            ok, _fmt(r["nll_nats"], r["nll_nats_se"]), _fmt(r["gap_nats"], r["gap_nats_se"]),
-            _fmt(r["prior_nats"], None, 4), _fmt(r["decoder_nats"], None),
-            _fmt(r["transition_nats"], None),
+        if image:
+            bpd = lambda v: None if v is None else v / (r["num_dims"] * math.log(2))  # noqa: E731
+            bound = [_fmt(r["bits_per_dim"], r["bits_per_dim_se"]), _fmt(bpd(r["prior_nats"]), None, 4),
+                     _fmt(bpd(r["decoder_nats"]), None), _fmt(bpd(r["transition_nats"]), None)]
+        else:
+            bound = [_fmt(r["nll_nats"], r["nll_nats_se"]), _fmt(r["gap_nats"], r["gap_nats_se"]),
+                     _fmt(r["prior_nats"], None, 4), _fmt(r["decoder_nats"], None),
+                     _fmt(r["transition_nats"], None)]
+        lines.append("| " + " | ".join(cell + [ok] + bound + [
             _fmt(r["energy_distance"], r["energy_distance_se"], 4),
             _fmt(r["sliced_wasserstein"], r["sliced_wasserstein_se"]),
             _fmt(r["train_seconds"], None, 0) + " / " + _fmt(r["train_cpu_seconds"], None, 0)]) + " |")
@@ -414,13 +435,29 @@ def machine_info() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+_TABLE_NOTE_TOY = (
+    "NLL bound: L_T + Σ L_{t-1} + L_0 in nats (data units), mean over seeds ± its standard "
+    "error across seeds. Gap: bound minus entropy, paired over the same test points. "
+    "L_T, L_0 and Σ L_{t-1} (t = 2..T): the mean nats of the prior, decoder and transition "
+    "terms (L_0 is a log density, negative for continuous data, so the terms are shown in "
+    "nats rather than as fractions of the total). Energy distance (unbiased; about 0 for a "
+    "perfect model) and sliced Wasserstein-2: model samples against held-out test points.")
+_TABLE_NOTE_IMAGE = (
+    "bits/dim: the bound L_T + Σ L_{t-1} + L_0 on the discrete test images (discretized decoder "
+    "over the dataset's K levels) divided by D ln 2, mean over seeds ± its standard error across "
+    "seeds; L_T, L_0 and Σ L_{t-1} (t = 2..T): the prior, decoder and transition terms in bits/dim "
+    "(they add up to the bound). Energy distance (unbiased; about 0 for a perfect model) and sliced "
+    "Wasserstein-2: model samples against held-out test images, as vectors of pixels in [-1, 1].")
+
+
 def write_results(out: str | Path, spec: GridSpec, records: list[dict], rows: list[dict], *,
                   command: str, wall_seconds: float, figures: Iterable[str] = ()) -> None:
     """``results.json`` (everything, per run and per row) and ``results.md`` (the table, the
     command, the machine), each written atomically."""
     out = Path(out)
-    data = get_toy(spec.base.data)
-    entropy = entropy_mc(data, 100_000, generator=torch.Generator().manual_seed(1_000_003))
+    image = is_image_data(spec.base.data)
+    entropy = (None, None) if image else entropy_mc(
+        get_toy(spec.base.data), 100_000, generator=torch.Generator().manual_seed(1_000_003))
     info = machine_info()
     doc = {"command": command, "machine": info, "wall_seconds": wall_seconds,
            "base_config": asdict(spec.base), "axes": {k: list(v) for k, v in spec.axes.items()},
@@ -446,17 +483,12 @@ def write_results(out: str | Path, spec: GridSpec, records: list[dict], rows: li
           + f". Bound on {spec.eval_samples} test points per run, sample metrics on "
           f"{spec.metric_samples}.",
           "",
-          results_table(rows), "",
-          "NLL bound: L_T + Σ L_{t-1} + L_0 in nats (data units), mean over seeds ± its standard "
-          "error across seeds. Gap: bound minus entropy, paired over the same test points. "
-          "L_T, L_0 and Σ L_{t-1} (t = 2..T): the mean nats of the prior, decoder and transition "
-          "terms (L_0 is a log density, negative for continuous data, so the terms are shown in "
-          "nats rather than as fractions of the total). Energy distance (unbiased; about 0 for a "
-          "perfect model) and sliced Wasserstein-2: model samples against held-out test points.",
-          ""]
+          results_table(rows, image=image), "",
+          _TABLE_NOTE_IMAGE if image else _TABLE_NOTE_TOY, ""]
     if best is not None:
         md += [f"Lowest bound: **{spec.label(best['cell'])}**, "
-               f"{_fmt(best['nll_nats'], best['nll_nats_se'])} nats.", ""]
+               + (f"{_fmt(best['bits_per_dim'], best['bits_per_dim_se'])} bits/dim." if image else
+                  f"{_fmt(best['nll_nats'], best['nll_nats_se'])} nats."), ""]
     failed = [r for r in records if r.get("status") != "ok"]
     if failed:
         md += ["Failed runs:", ""] + [f"- {r['name']}: {r.get('error', '')}" for r in failed] + [""]
@@ -481,6 +513,8 @@ def comparison_figures(out: str | Path, spec: GridSpec, records: list[dict], row
     fig_dir = Path(out) / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     base = spec.base
+    if is_image_data(base.data):
+        return _image_comparison_figures(fig_dir, spec, records, rows, seed=seed)
     data = get_toy(base.data)
     dim = data.event_shape[0]
     gen = lambda: torch.Generator().manual_seed(seed)  # noqa: E731
@@ -502,21 +536,7 @@ def comparison_figures(out: str | Path, spec: GridSpec, records: list[dict], row
                                        fig_dir / "bound_terms.png", logx=True,
                                        title=f"{base.data}: mean term of each step t (nats)"))
     first_seed = [r for r in records if r["seed"] == spec.seeds[0]]
-    # loss curves: one figure per objective (their scales differ), one curve per other cell value
-    by_objective: dict[str, dict] = {}
-    for r in first_seed:
-        objective = r["cell"].get("objective", base.objective)
-        rest = {k: v for k, v in r["cell"].items() if k != "objective"}
-        path = Path(r["run_dir"]) / "metrics.jsonl"
-        lines = ([json.loads(ln) for ln in path.read_text().splitlines() if ln]
-                 if path.is_file() else [])
-        if lines:
-            by_objective.setdefault(objective, {})[spec.label(rest) if rest else objective] = (
-                [ln["step"] for ln in lines], [ln["loss"] for ln in lines])
-    for objective, curves in by_objective.items():
-        made.append(F.plot_loss_curves(curves, fig_dir / f"loss_{objective}.png",
-                                       ylabel=f"{objective} loss", logy=objective != "vlb",
-                                       title=f"{base.data}: {objective} loss (seed {spec.seeds[0]})"))
+    made += _loss_figures(fig_dir, spec, first_seed)
     samples = {}
     for r in first_seed:
         path = Path(r["run_dir"]) / SAMPLES_FILE
@@ -537,6 +557,75 @@ def comparison_figures(out: str | Path, spec: GridSpec, records: list[dict], row
             made.append(F.plot_reverse(run.model, xs[:1000], fig_dir / "best_reverse.png", generator=gen()))
             made.append(F.plot_noise_field(run.model, fig_dir / "best_noise_field.png", dim=dim,
                                            lim=float(xs.abs().max()) * 1.1, dtype=torch.float32))
+            atomic_write_text(f"figures best_*.png: run {rec['name']} ({spec.label(best['cell'])})\n",
+                              fig_dir / "best_run.txt")
+    return made
+
+
+def _loss_figures(fig_dir: Path, spec: GridSpec, first_seed: list[dict]) -> list[Path]:
+    """Loss curves: one figure per objective (their scales differ), one curve per other cell value."""
+    from . import figures as F
+
+    base, made = spec.base, []
+    by_objective: dict[str, dict] = {}
+    for r in first_seed:
+        objective = r["cell"].get("objective", base.objective)
+        rest = {k: v for k, v in r["cell"].items() if k != "objective"}
+        path = Path(r["run_dir"]) / "metrics.jsonl"
+        lines = ([json.loads(ln) for ln in path.read_text().splitlines() if ln]
+                 if path.is_file() else [])
+        if lines:
+            by_objective.setdefault(objective, {})[spec.label(rest) if rest else objective] = (
+                [ln["step"] for ln in lines], [ln["loss"] for ln in lines])
+    for objective, curves in by_objective.items():
+        made.append(F.plot_loss_curves(curves, fig_dir / f"loss_{objective}.png",
+                                       ylabel=f"{objective} loss", logy=objective != "vlb",
+                                       title=f"{base.data}: {objective} loss (seed {spec.seeds[0]})"))
+    return made
+
+
+def _image_comparison_figures(fig_dir: Path, spec: GridSpec, records: list[dict], rows: list[dict],
+                              *, seed: int = 0) -> list[Path]:
+    """Images: the data, the forward diffusion of a few test images, per-t terms in bits/dim, loss
+    curves, every model's samples, and for the run with the lowest bound its denoising
+    progression and its x_0 predicted from x_t at several t."""
+    from . import image_figures as IF
+    from .schedules import make_schedule
+
+    base = spec.base
+    gen = lambda: torch.Generator().manual_seed(seed)  # noqa: E731
+    data = load_run_data(base, train=False)
+    K, test = data.num_levels, data.test
+    sched_name = spec.axes.get("schedule", (base.schedule,))[0]
+    T = spec.axes.get("timesteps", (base.timesteps,))[0]
+    made = [IF.plot_image_grid(test[:64], fig_dir / "data.png", num_levels=K,
+                               title=f"{base.data}: test images"),
+            IF.plot_forward_images(make_schedule(sched_name, T), test[:4], fig_dir / "forward.png",
+                                   num_levels=K, generator=gen(),
+                                   title=f"forward diffusion q(x_t | x_0), {sched_name}, T = {T}")]
+    ok_rows = [r for r in rows if r["ok"]]
+    if ok_rows:
+        made.append(IF.plot_bound_terms_bpd({spec.label(r["cell"]): r["terms_nats"] for r in ok_rows},
+                                            fig_dir / "bound_terms.png", num_dims=data.num_dims,
+                                            title=f"{base.data}: mean term of each step t"))
+    first_seed = [r for r in records if r["seed"] == spec.seeds[0]]
+    made += _loss_figures(fig_dir, spec, first_seed)
+    for r in first_seed:
+        path = Path(r["run_dir"]) / SAMPLES_FILE
+        if r.get("status") == "ok" and path.is_file():
+            name = "samples_" + "-".join(str(v) for v in r["cell"].values()) + ".png"
+            made.append(IF.plot_image_grid(torch.load(path)[:64], fig_dir / name, num_levels=K,
+                                           title=f"{spec.label(r['cell'])} (seed {r['seed']})"))
+    best = min(ok_rows, key=lambda r: r["bits_per_dim"], default=None)
+    if best is not None:
+        rec = next((r for r in records if r["cell"] == best["cell"] and r.get("status") == "ok"), None)
+        if rec is not None:
+            run = load_run(rec["run_dir"])
+            made.append(IF.plot_denoising_progression(run.model, fig_dir / "best_progression.png",
+                                                      num_levels=K, image_shape=data.event_shape,
+                                                      generator=gen()))
+            made.append(IF.plot_x0_predictions(run.model, test[:6].float(), fig_dir / "best_x0_predictions.png",
+                                               num_levels=K, generator=gen()))
             atomic_write_text(f"figures best_*.png: run {rec['name']} ({spec.label(best['cell'])})\n",
                               fig_dir / "best_run.txt")
     return made

@@ -1,4 +1,4 @@
-"""The trainer for vector (toy) data: a config, a run directory, atomic checkpoints, exact resume.
+"""The trainer for toy and image data: a config, a run directory, atomic checkpoints, exact resume.
 
 A run directory holds ``config.json``, ``checkpoint.pt`` (weights, EMA weights, optimizer, step,
 RNG state, timestep-sampler state, configuration, rescaling) and ``metrics.jsonl`` (one line per
@@ -19,15 +19,17 @@ from pathlib import Path
 
 import torch
 
-from .data import RESCALINGS, TOY_DATASETS, Rescaling, fit_rescaling, get_toy, toy_split
+from .data import IMAGE_DATASETS, RESCALINGS, TOY_DATASETS, Rescaling
 from .distributions.reverse import DECODER_VARIANCES, LEARNED_VARIANCES, VARIANCES, ReverseProcess
 from .markov import forward_guide, model as markov_model, posterior_guide
-from .nets import EMBEDDINGS, MeanVarianceNets, MLPDenoiser
+from .nets import EMBEDDINGS, MeanVarianceNets, MLPDenoiser, UNet, unet_for
 from .objectives import OBJECTIVES, SAMPLERS, get_objective, make_sampler
 from .parameterization import PREDICTIONS
+from .run_data import is_image_data, load_run_data
 from .schedules import SCHEDULES, make_schedule
 
 ENGINES = ("torch", "pyro")
+NETS = ("auto", "mlp", "mean_variance", "unet")
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -37,7 +39,12 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a toy run (the command line and experiments fill it in)."""
+    """Everything that defines a run (the command line and experiments fill it in).
+
+    ``net`` ``auto`` is the MLP for toys and the U-Net for images; ``hidden`` and ``depth`` size
+    the MLP, ``channels`` (0: sized by ``unet_for`` for the image size) and ``dropout`` the U-Net.
+    ``data_dir`` and ``image_size`` apply to image datasets.
+    """
 
     data: str = "mixture1d"
     objective: str = "hybrid"
@@ -48,9 +55,11 @@ class TrainConfig:
     decoder_variance: str = "beta1"
     sampler: str = "uniform"
     rescale: str = "none"
-    net: str = "mlp"  # or "mean_variance": separate mean and variance MLPs
+    net: str = "auto"  # mlp | mean_variance (separate mean and variance MLPs) | unet
     hidden: int = 128
     depth: int = 3
+    channels: int = 0
+    dropout: float = 0.0
     embedding: str = "sinusoidal"
     iterations: int = 5000
     batch_size: int = 256
@@ -62,14 +71,16 @@ class TrainConfig:
     train_size: int = 100_000
     test_size: int = 10_000
     seed: int = 0
+    data_dir: str | None = None
+    image_size: int | None = None
     device: str = "cpu"
     engine: str = "torch"
     log_every: int = 50
     checkpoint_every: int = 1000
 
-    CHOICES = {"data": tuple(sorted(TOY_DATASETS)), "variance": VARIANCES, "prediction": PREDICTIONS,
+    CHOICES = {"data": tuple(sorted(TOY_DATASETS)) + IMAGE_DATASETS, "variance": VARIANCES, "prediction": PREDICTIONS,
                "schedule": SCHEDULES, "decoder_variance": DECODER_VARIANCES, "rescale": RESCALINGS,
-               "embedding": EMBEDDINGS, "net": ("mlp", "mean_variance"), "engine": ENGINES,
+               "embedding": EMBEDDINGS, "net": NETS, "engine": ENGINES,
                "objective": OBJECTIVES, "sampler": SAMPLERS}
 
     def validate(self) -> "TrainConfig":
@@ -84,8 +95,20 @@ class TrainConfig:
         if self.engine == "pyro" and self.objective not in ("vlb", "trajectory"):
             raise ValueError("the pyro engine trains the bound objectives through Pyro's ELBOs; "
                              f"--objective must be vlb or trajectory with it, got {self.objective!r}")
-        if self.net not in ("mlp", "mean_variance"):
-            raise ValueError(f"unknown net {self.net!r}; valid: mlp, mean_variance")
+        image = is_image_data(self.data)
+        if image and self.net in ("mlp", "mean_variance"):
+            raise ValueError(f"{self.data} is image data: --net must be unet or auto, got {self.net!r}")
+        if not image and self.net == "unet":
+            raise ValueError(f"the U-Net takes images; {self.data} is vector data (--net mlp, "
+                             "mean_variance or auto)")
+        if image and self.rescale != "none":
+            raise ValueError("image data is already on [-1, 1]: --rescale must be none for "
+                             f"{self.data}, got {self.rescale!r}")
+        if self.image_size is not None and self.image_size < 4:
+            raise ValueError(f"image_size must be >= 4, got {self.image_size}")
+        if self.channels < 0 or not 0 <= self.dropout < 1:
+            raise ValueError(f"need channels >= 0 (0: the default width) and 0 <= dropout < 1, got "
+                             f"channels {self.channels}, dropout {self.dropout}")
         if self.net == "mean_variance" and self.variance not in LEARNED_VARIANCES:
             raise ValueError("separate mean and variance networks need a learned variance "
                              f"({', '.join(LEARNED_VARIANCES)}), got {self.variance!r}")
@@ -105,18 +128,29 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def build_net(cfg: TrainConfig, dim: int) -> torch.nn.Module:
+def build_net(cfg: TrainConfig, event_shape) -> torch.nn.Module:
+    """The denoiser for data of ``event_shape``: (D,) for toys, (C, H, W) for images."""
+    mult = 2 if cfg.variance in LEARNED_VARIANCES else 1
+    if is_image_data(cfg.data):
+        C, H, W = event_shape
+        width = {"base_channels": cfg.channels} if cfg.channels else {}
+        return UNet(**unet_for(H, C, out_multiplier=mult, dropout=cfg.dropout, **width))
+    dim = event_shape[0]
     kw = dict(hidden=cfg.hidden, depth=cfg.depth, embedding=cfg.embedding)
     if cfg.net == "mean_variance":
         return MeanVarianceNets(MLPDenoiser(dim, cfg.timesteps, **kw), MLPDenoiser(dim, cfg.timesteps, **kw))
-    mult = 2 if cfg.variance in LEARNED_VARIANCES else 1
     return MLPDenoiser(dim, cfg.timesteps, out_multiplier=mult, **kw)
 
 
-def build_model(cfg: TrainConfig, net) -> ReverseProcess:
+def build_model(cfg: TrainConfig, net, num_levels: int | None = None) -> ReverseProcess:
+    """p_theta around ``net``: a Gaussian decoder for toys, the discretized decoder over
+    ``num_levels`` levels (and 3 event dimensions) for images."""
     schedule = make_schedule(cfg.schedule, cfg.timesteps)
+    image = num_levels is not None
     return ReverseProcess(net, schedule, prediction=cfg.prediction, variance=cfg.variance,
-                          decoder_variance=cfg.decoder_variance)
+                          decoder_variance=cfg.decoder_variance,
+                          decoder="discretized" if image else "gaussian", num_levels=num_levels,
+                          event_dims=3 if image else 1)
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -128,6 +162,19 @@ def atomic_save(obj, path: Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(data: bytes, path: Path) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -149,6 +196,11 @@ class Run:
     model: ReverseProcess
     rescaling: Rescaling
     step: int
+    event_shape: tuple[int, ...] | None = None  # default: the rescaling's shape, (D,) for toys
+
+    def __post_init__(self):
+        if self.event_shape is None:
+            self.event_shape = tuple(self.rescaling.shift.shape)
 
 
 def load_run(out: str | Path, *, ema: bool = True, device: str = "cpu") -> Run:
@@ -159,14 +211,15 @@ def load_run(out: str | Path, *, ema: bool = True, device: str = "cpu") -> Run:
     try:
         state = torch.load(path, map_location=device, weights_only=False)
         cfg = TrainConfig.from_dict(state["config"])
-        dim = state["dim"]
-        net = build_net(cfg, dim)
+        event_shape = tuple(state["event_shape"] if "event_shape" in state else (state["dim"],))
+        net = build_net(cfg, event_shape)
         net.load_state_dict(state["ema" if ema else "net"])
     except Exception as e:  # a truncated or foreign file
         raise ValueError(f"checkpoint {path} is corrupt or not a pdiff checkpoint: {e}") from None
     net.to(device, torch.float32).eval()
     resc = Rescaling(state["rescale_shift"], state["rescale_scale"])
-    return Run(cfg, build_model(cfg, net), resc, state["step"])
+    model = build_model(cfg, net, state.get("num_levels"))
+    return Run(cfg, model, resc, state["step"], event_shape)
 
 
 class Trainer:
@@ -178,14 +231,13 @@ class Trainer:
         self._prepare_dir(resume, force)
         torch.manual_seed(cfg.seed)
         self.device = torch.device(cfg.device)
-        self.data = get_toy(cfg.data)
-        self.dim = self.data.event_shape[0]
-        train, _ = toy_split(self.data, cfg.train_size, 0, cfg.seed)
-        self.rescaling = fit_rescaling(cfg.rescale, self.data, self.dim)
-        self.train_x = self.rescaling.apply(train).to(self.device, torch.float32)
-        self.net = build_net(cfg, self.dim).to(self.device, torch.float32)
+        data = load_run_data(cfg)
+        self.event_shape, self.num_levels = data.event_shape, data.num_levels
+        self.rescaling = data.rescaling
+        self.train_x = data.train.to(self.device, torch.float32)
+        self.net = build_net(cfg, self.event_shape).to(self.device, torch.float32)
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
-        self.model = build_model(cfg, self.net)
+        self.model = build_model(cfg, self.net, self.num_levels)
         self.loss_fn = get_objective(cfg.objective)
         self.sampler = make_sampler(cfg.sampler, cfg.timesteps)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -222,7 +274,8 @@ class Trainer:
     def _state(self) -> dict:
         return {"net": self.net.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
                 "step": self.step, "generator": self.gen.get_state(), "sampler": self.sampler.state_dict(),
-                "torch_rng": torch.get_rng_state(), "config": asdict(self.cfg), "dim": self.dim,
+                "torch_rng": torch.get_rng_state(), "config": asdict(self.cfg),
+                "event_shape": list(self.event_shape), "num_levels": self.num_levels,
                 "rescale_shift": self.rescaling.shift, "rescale_scale": self.rescaling.scale}
 
     def _load(self) -> None:

@@ -194,7 +194,7 @@ def test_sample_mistakes_exit_2_and_overwrite_nothing(run_dir, tmp_path, capsys)
 
     for args, message in [
         ((run_dir, existing), "exists; pass --force"),
-        ((run_dir, tmp_path / "s.json"), "unknown format '.json'; valid: .npy, .csv, .txt"),
+        ((run_dir, tmp_path / "s.json"), "unknown format '.json' for vector data; valid: .npy, .csv, .txt"),
         ((run_dir, tmp_path / "s"), "unknown format '(none)'"),
         ((run_dir, tmp_path / "no" / "s.npy"), "does not exist"),
         ((tmp_path / "missing", tmp_path / "s.npy"), "no checkpoint"),

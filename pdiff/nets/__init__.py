@@ -1,5 +1,6 @@
-"""Networks (torch only): time embeddings and MLP denoisers."""
+"""Networks (torch only): time embeddings, MLP denoisers and the U-Net."""
 from .embeddings import EMBEDDINGS, make_embedding
 from .mlp import MeanVarianceNets, MLPDenoiser
+from .unet import UNet, unet_for
 
-__all__ = ["EMBEDDINGS", "make_embedding", "MeanVarianceNets", "MLPDenoiser"]
+__all__ = ["EMBEDDINGS", "make_embedding", "MeanVarianceNets", "MLPDenoiser", "UNet", "unet_for"]

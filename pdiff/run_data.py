@@ -1,0 +1,74 @@
+"""The data a run trains and is evaluated on, toy or image, from its configuration.
+
+Toys: fixed train and test draws by seed (``toy_split``), the exact density where known, and the
+affine rescaling the model is trained in (every NLL still reported in the data's own units).
+Images: the dataset's own train and test split on its K-level grid in [-1, 1], a discretized
+decoder over those K levels, no rescaling and no known density.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.distributions import Distribution
+
+from .data import IMAGE_DATASETS, Rescaling, fit_rescaling, get_toy, load_images, toy_split
+
+
+def is_image_data(name: str) -> bool:
+    return name in IMAGE_DATASETS
+
+
+@dataclass
+class RunData:
+    """``train`` is in the model's units (rescaled); ``test`` in the data's own units.
+
+    ``density`` is the toy's distribution (``None`` for images); ``num_levels`` K of the
+    discretized decoder for images (``None`` for toys); ``labels`` of the training images if any.
+    """
+
+    name: str
+    train: torch.Tensor
+    test: torch.Tensor
+    event_shape: tuple[int, ...]
+    rescaling: Rescaling
+    density: Distribution | None = None
+    num_levels: int | None = None
+    num_classes: int | None = None
+    train_labels: torch.Tensor | None = None
+
+    @property
+    def is_image(self) -> bool:
+        return self.num_levels is not None
+
+    @property
+    def num_dims(self) -> int:
+        n = 1
+        for s in self.event_shape:
+            n *= s
+        return n
+
+
+def identity_rescaling(event_shape) -> Rescaling:
+    return Rescaling(torch.zeros(event_shape, dtype=torch.float64),
+                     torch.ones(event_shape, dtype=torch.float64))
+
+
+def load_run_data(cfg, *, train: bool = True) -> RunData:
+    """The train split (skipped when ``train`` is false) and the test split of ``cfg``'s data.
+
+    ``cfg`` is a ``TrainConfig`` (data, seed, train_size, test_size, rescale, data_dir,
+    image_size).
+    """
+    if is_image_data(cfg.data):
+        img = load_images(cfg.data, data_dir=cfg.data_dir, image_size=cfg.image_size, seed=cfg.seed)
+        dtype = torch.get_default_dtype()
+        return RunData(cfg.data, img.train.to(dtype) if train else img.train[:0].to(dtype),
+                       img.test.to(dtype), img.event_shape, identity_rescaling(img.event_shape),
+                       num_levels=img.num_levels, num_classes=img.num_classes,
+                       train_labels=img.train_labels)
+    density = get_toy(cfg.data)
+    dim = density.event_shape[0]
+    tr, te = toy_split(density, cfg.train_size if train else 0, cfg.test_size, cfg.seed)
+    rescaling = fit_rescaling(cfg.rescale, density, dim)
+    return RunData(cfg.data, rescaling.apply(tr), te, (dim,), rescaling, density=density)

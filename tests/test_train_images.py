@@ -1,0 +1,158 @@
+"""Image runs end to end: train, resume, evaluate in bits/dim, sample PNG grids, compare."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pdiff.cli import main
+from pdiff.compare import GridSpec, compare, evaluate_run
+from pdiff.data.images import IDX_FILES, to_uint8_grid
+from pdiff.elbo import full_bound
+from pdiff.train import CHECKPOINT, TrainConfig, Trainer, load_run
+
+TINY = dict(data="digits", timesteps=5, iterations=6, batch_size=8, channels=8, log_every=3,
+            checkpoint_every=3, warmup=2)
+
+
+def tiny(**changes) -> TrainConfig:
+    return TrainConfig(**(TINY | changes))
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("img") / "run"
+    Trainer(tiny(objective="hybrid", variance="learned_range"), out).train(progress=False)
+    return out
+
+
+def test_image_run_has_a_discretized_decoder_over_the_digits_levels(digits_run):
+    run = load_run(digits_run)
+    assert run.event_shape == (1, 8, 8)
+    assert run.model.decoder_type == "discretized" and run.model.num_levels == 17
+    assert run.model.event_dims == 3
+    assert json.loads((digits_run / "config.json").read_text())["net"] == "auto"
+
+
+def test_discrete_bound_is_nonnegative_and_bits_per_dim_is_consistent(digits_run):
+    """Every term is a KL or -log of a probability, so each example's bound is >= 0; bits/dim is
+    the bound over D ln 2."""
+    run = load_run(digits_run)
+    report = evaluate_run(run, samples=12, seed=0)
+    assert report["num_samples"] == 12 and report["dim"] == 64
+    assert report["entropy_nats"] is None and report["gap_nats"] is None
+    assert report["bits_per_dim"] == pytest.approx(report["nll_nats"] / (64 * math.log(2)))
+    assert report["nll_nats"] == pytest.approx(report["prior_nats"] + sum(report["terms_nats"]))
+    from pdiff.run_data import load_run_data
+
+    test = load_run_data(run.config, train=False).test[:12].float()
+    bound = full_bound(run.model, test, generator=torch.Generator().manual_seed(0))
+    assert (bound.total >= 0).all() and (bound.terms[:, 0] >= 0).all()
+
+
+def test_evaluate_asks_for_at_most_the_test_split(digits_run):
+    report = evaluate_run(load_run(digits_run), samples=10_000, seed=0)
+    assert report["num_samples"] == 300  # the digits' test split
+
+
+def test_resumed_image_run_equals_uninterrupted(tmp_path):
+    Trainer(tiny(), tmp_path / "a").train(progress=False)
+    Trainer(tiny(iterations=3), tmp_path / "b").train(progress=False)
+    Trainer(tiny(), tmp_path / "b", resume=True).train(progress=False)
+    a = torch.load(tmp_path / "a" / CHECKPOINT, weights_only=False)
+    b = torch.load(tmp_path / "b" / CHECKPOINT, weights_only=False)
+    for key in ("net", "ema"):
+        for name in a[key]:
+            torch.testing.assert_close(a[key][name], b[key][name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(net="mlp"), "--net must be unet or auto"),
+    (dict(rescale="standardize"), "--rescale must be none"),
+    (dict(data="mixture1d", net="unet"), "the U-Net takes images"),
+    (dict(image_size=2), "image_size must be >= 4"),
+    (dict(dropout=1.5), "dropout"),
+])
+def test_inconsistent_image_options_are_refused(changes, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(**changes).validate()
+
+
+def test_cli_sample_writes_a_png_grid_and_refuses_text(digits_run, tmp_path, capsys):
+    png, npy = tmp_path / "grid.png", tmp_path / "s.npy"
+    for out in (png, npy):
+        assert main(["sample", "--checkpoint", str(digits_run), "--num", "9", "--seed", "3",
+                     "--out", str(out)]) == 0
+    x = np.load(npy)
+    assert x.shape == (9, 1, 8, 8) and np.abs(x).max() <= 1
+    k = (x + 1) * 16 / 2  # samples of the discretized decoder lie on the 17 levels
+    np.testing.assert_allclose(k, np.round(k), atol=1e-5)
+    # the PNG is the grid of the same samples (same seed)
+    np.testing.assert_array_equal(np.asarray(Image.open(png)), to_uint8_grid(torch.from_numpy(x), 17))
+    capsys.readouterr()
+    assert main(["sample", "--checkpoint", str(digits_run), "--num", "4",
+                 "--out", str(tmp_path / "s.csv")]) == 2
+    assert "valid: .png, .npy" in capsys.readouterr().err
+    assert not (tmp_path / "s.csv").exists()
+
+
+def _tiny_mnist(folder, rng):
+    folder.mkdir(parents=True)
+    for stem in IDX_FILES:
+        n = 16 if stem.startswith("train") else 4
+        if "images" in stem:
+            arr = rng.integers(0, 256, (n, 8, 8), dtype=np.uint8)
+            magic = 2051
+        else:
+            arr = rng.integers(0, 10, n, dtype=np.uint8)
+            magic = 2049
+        header = magic.to_bytes(4, "big") + b"".join(s.to_bytes(4, "big") for s in arr.shape)
+        (folder / stem).write_bytes(header + arr.tobytes())
+
+
+def test_mnist_from_a_data_dir_trains_and_evaluates(tmp_path, capsys):
+    data = tmp_path / "mnist"
+    _tiny_mnist(data, np.random.default_rng(0))
+    out = tmp_path / "run"
+    assert main(["train", "--data", "mnist", "--data-dir", str(data), "--timesteps", "4",
+                 "--iterations", "2", "--batch-size", "4", "--channels", "8", "--out", str(out),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    moved = tmp_path / "moved"
+    data.rename(moved)
+    assert main(["evaluate", "--checkpoint", str(out), "--json", "--metric-samples", "0"]) == 2
+    assert "mnist" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", str(out), "--data-dir", str(moved), "--json",
+                 "--metric-samples", "0", "--samples", "4"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["dim"] == 64 and report["num_samples"] == 4 and report["bits_per_dim"] > 0
+
+
+def test_bad_image_input_exits_2(tmp_path, capsys):
+    assert main(["train", "--data", "mnist", "--out", str(tmp_path / "r")]) == 2
+    assert "--data-dir" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    _tiny_mnist(bad, np.random.default_rng(1))
+    path = bad / IDX_FILES[0]
+    path.write_bytes(path.read_bytes()[:-5])  # truncated
+    assert main(["train", "--data", "mnist", "--data-dir", str(bad), "--out", str(tmp_path / "r2")]) == 2
+    err = capsys.readouterr().err
+    assert IDX_FILES[0] in err
+    assert main(["train", "--data", "digits", "--net", "mlp", "--out", str(tmp_path / "r3")]) == 2
+
+
+def test_compare_on_digits_reports_bits_per_dim_and_draws_image_figures(tmp_path):
+    spec = GridSpec(tiny(iterations=3), {"objective": ("simple", "vlb"),
+                                         "variance": ("fixed_large", "learned_range")},
+                    seeds=(0,), eval_samples=8, metric_samples=4)
+    result = compare(spec, tmp_path / "cmp", jobs=1, command="test")
+    assert all(r["ok"] == 1 for r in result.rows)
+    for r in result.rows:
+        assert r["bits_per_dim"] == pytest.approx(r["nll_nats"] / (64 * math.log(2)))
+    md = (tmp_path / "cmp" / "results.md").read_text()
+    assert "bits/dim" in md and "gap to H" not in md
+    names = {p.name for p in (tmp_path / "cmp" / "figures").iterdir()}
+    assert {"data.png", "forward.png", "bound_terms.png", "best_progression.png",
+            "best_x0_predictions.png", "samples_simple-fixed_large.png"} <= names
