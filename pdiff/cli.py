@@ -22,7 +22,7 @@ from .parameterization import PREDICTIONS
 from .compare import draw_samples, evaluate_run
 from .evaluation import bound_report
 from .run_data import is_image_data
-from .train import ENGINES, NETS, TrainConfig, Trainer, TrainingError, load_run
+from .train import ENGINES, IMAGE_DEFAULTS, NETS, TrainConfig, Trainer, TrainingError, load_run
 from .oracle import MixtureDenoiser
 from .schedules import SCHEDULES, NoiseSchedule, make_schedule
 from .distributions.reverse import ReverseProcess
@@ -225,14 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
                     f"(default: {','.join(DEFAULT_VARIANCES)})")
     co.add_argument("--grid", action="append", default=[], metavar="OPTION=V1,V2",
                     help="also vary another training option, e.g. --grid schedule=linear,cosine "
-                    "(repeatable; an option given here is not also fixed by its own flag)")
+                    "(repeatable; not together with that option's own flag)")
     co.add_argument("--seeds", type=_positive_int, default=3, help="seeds 0..N-1 (default: 3)")
     co.add_argument("--jobs", type=_positive_int, default=None,
                     help="runs trained at once in worker processes (default: the CPU count)")
     co.add_argument("--eval-samples", type=_positive_int, default=2000,
                     help="test points for each run's bound (default: 2000)")
-    co.add_argument("--metric-samples", type=_nonnegative_int, default=1000,
-                    help="model samples for the sample metrics (default: 1000; 0: none)")
+    co.add_argument("--metric-samples", type=_nonnegative_int, default=None,
+                    help="model samples for the sample metrics (default: 1000, images 256; 0: none)")
     co.add_argument("--no-figures", action="store_true", help="write no figures")
     co.add_argument("--resume", action="store_true",
                     help="reuse finished runs in --out and continue unfinished ones")
@@ -281,7 +281,10 @@ def _add_config_args(parser: argparse.ArgumentParser, exclude=(), defaults=None)
         if f.name in exclude:
             continue
         default = (defaults or {}).get(f.name, f.default)
-        kw = {"default": default, "help": f"(default: {default})"}
+        shown = f"(default: {default}" + (f"; images: {IMAGE_DEFAULTS[f.name]}"
+                                          if f.name in IMAGE_DEFAULTS else "") + ")"
+        # None: not given, so _config_from_args fills in the dataset's default
+        kw = {"default": None, "help": shown}
         if f.name in choices:
             kw["choices"] = choices[f.name]
         elif f.name == "image_size" or isinstance(f.default, int):
@@ -291,8 +294,17 @@ def _add_config_args(parser: argparse.ArgumentParser, exclude=(), defaults=None)
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kw)
 
 
+def _config_from_args(args, exclude=(), toy_defaults=None) -> TrainConfig:
+    """The options given on the command line over the defaults of the dataset's kind."""
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+             if f.name not in exclude and getattr(args, f.name) is not None}
+    data = given.pop("data", TrainConfig.data)
+    defaults = {} if is_image_data(data) else (toy_defaults or {})
+    return TrainConfig.for_data(data, **(defaults | given))
+
+
 def cmd_train(args) -> int:
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    cfg = _config_from_args(args)
     trainer = Trainer(cfg, args.out, resume=args.resume, force=args.force)
     try:
         last = trainer.train(progress=not args.no_progress)
@@ -411,7 +423,8 @@ def cmd_sample(args) -> int:
 
 def _grid_axes(items: list[str]) -> dict[str, tuple]:
     """``["schedule=linear,cosine", "lr=1e-3,2e-3"]`` -> axes, each value of its field's type."""
-    types = {f.name: type(f.default) for f in fields(TrainConfig)}
+    types = {f.name: type(f.default) if f.default is not None else int if f.name == "image_size" else str
+             for f in fields(TrainConfig)}
     axes: dict[str, tuple] = {}
     for item in items:
         name, sep, values = item.partition("=")
@@ -435,14 +448,22 @@ def _grid_axes(items: list[str]) -> dict[str, tuple]:
 def cmd_compare(args) -> int:
     from .compare import GridSpec, compare, results_table
 
-    base = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)
-                          if f.name not in ("objective", "variance", "seed")})
-    axes = {"objective": args.objectives, "variance": args.variances} | _grid_axes(args.grid)
+    base = _config_from_args(args, exclude=("objective", "variance", "seed"),
+                             toy_defaults={"iterations": COMPARE_ITERATIONS})
+    grid = _grid_axes(args.grid)
+    both = [name for name in grid if getattr(args, name, None) is not None]
+    if both:
+        raise UserError(f"{', '.join('--' + n.replace('_', '-') for n in both)} given both as an "
+                        "option and in --grid; give each option one way")
+    axes = {"objective": args.objectives, "variance": args.variances} | grid
+    image = is_image_data(base.data)
+    # sampling images costs T U-Net passes per batch: fewer samples by default
+    metric = args.metric_samples if args.metric_samples is not None else (256 if image else 1000)
     spec = GridSpec(base, axes, tuple(range(args.seeds)), eval_samples=args.eval_samples,
-                    metric_samples=args.metric_samples)
+                    metric_samples=metric)
     result = compare(spec, args.out, jobs=args.jobs, resume=args.resume, force=args.force,
                      figures=not args.no_figures, command=args.command_line, log=sys.stderr)
-    print(results_table(result.rows, image=is_image_data(spec.base.data)))
+    print(results_table(result.rows, image=image))
     out = Path(args.out)
     print(f"\nresults: {out / 'results.md'}, {out / 'results.json'}"
           + (f"; figures: {out / 'figures'}" if result.figures else ""))

@@ -30,6 +30,10 @@ from .schedules import SCHEDULES, make_schedule
 
 ENGINES = ("torch", "pyro")
 NETS = ("auto", "mlp", "mean_variance", "unet")
+# Image runs (U-Net, T network passes of a bigger net per batch on CPU): smaller batches, a lower
+# learning rate and a slower EMA than the toys, as the DDPM and Improved-DDPM image runs use.
+IMAGE_DEFAULTS = {"batch_size": 64, "lr": 1e-3, "ema_decay": 0.999, "warmup": 200,
+                  "iterations": 4000}
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -121,6 +125,12 @@ class TrainConfig:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("--device cuda was asked for but no CUDA device is available")
         return self
+
+    @classmethod
+    def for_data(cls, data: str, **changes) -> "TrainConfig":
+        """The defaults for ``data`` (``IMAGE_DEFAULTS`` for image datasets), then ``changes``."""
+        base = IMAGE_DEFAULTS if is_image_data(data) else {}
+        return cls(data=data, **(base | changes))
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":

@@ -448,11 +448,16 @@ def test_compare_refuses_a_non_empty_out_and_changes_nothing(tmp_path, capsys):
     (["--net", "mean_variance"], "need a learned variance"),
     (["--eval-samples", "201"], "must not exceed the test split"),
     (["--grid", "test_size=200,40"], r"(40 points)"),
+    (["--grid", "hidden=8,16"], "--hidden given both as an option and in --grid"),
 ])
 def test_compare_mistakes_exit_2_before_writing_anything(tmp_path, capsys, extra, message):
     out = tmp_path / "out"
+    tiny = list(TINY_ARGS)
+    if "test_size=200,40" in extra:  # the grid sets it: not also as an option
+        i = tiny.index("--test-size")
+        del tiny[i:i + 2]
     code, _, err = cli(["compare", "--out", str(out), "--objectives", "simple", "--variances",
-                        "fixed_large", "--seeds", "1", "--jobs", "1", "--no-figures", *TINY_ARGS,
+                        "fixed_large", "--seeds", "1", "--jobs", "1", "--no-figures", *tiny,
                         *extra], capsys)
     assert code == 2, err
     assert message in err and "Traceback" not in err

@@ -156,3 +156,16 @@ def test_compare_on_digits_reports_bits_per_dim_and_draws_image_figures(tmp_path
     names = {p.name for p in (tmp_path / "cmp" / "figures").iterdir()}
     assert {"data.png", "forward.png", "bound_terms.png", "best_progression.png",
             "best_x0_predictions.png", "samples_simple-fixed_large.png"} <= names
+
+
+def test_image_datasets_get_image_defaults_unless_given():
+    from pdiff.cli import _config_from_args, build_parser
+    from pdiff.train import IMAGE_DEFAULTS
+
+    parse = build_parser().parse_args
+    cfg = _config_from_args(parse(["train", "--data", "digits", "--out", "x"]))
+    assert {k: getattr(cfg, k) for k in IMAGE_DEFAULTS} == IMAGE_DEFAULTS
+    cfg = _config_from_args(parse(["train", "--data", "digits", "--batch-size", "8", "--out", "x"]))
+    assert cfg.batch_size == 8 and cfg.lr == IMAGE_DEFAULTS["lr"]
+    toy = _config_from_args(parse(["train", "--data", "moons", "--out", "x"]))
+    assert toy == TrainConfig(data="moons")
