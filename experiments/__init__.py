@@ -10,4 +10,7 @@ EXPERIMENTS = {
     "clusters8_schedules": "8 clusters, linear against quadratic schedule, sinusoidal-embedding MLP, "
                            "T = 250",
     "moons_polynomial": "2D moons scaled to [-1, 1], T = 10, polynomial schedule",
+    "digits_objectives": "8x8 digits in bits/dim: L_simple, L_hybrid, L_vlb x fixed and learned "
+                         "variances x linear and cosine schedules (Ho et al. Table 2, Nichol & "
+                         "Dhariwal)",
 }

@@ -10,11 +10,17 @@ from pathlib import Path
 from typing import Callable
 
 from pdiff.compare import GridSpec, compare, results_table
+from pdiff.run_data import is_image_data
 
 
 def quick(spec: GridSpec) -> GridSpec:
-    """``spec`` on tiny settings for a smoke run: every cell, one seed, a few steps on few points.
-    T, the schedule, the data and the networks stay as they are."""
+    """``spec`` on tiny settings for a smoke run: every cell, one seed, a few steps on few points
+    (for images, a narrow U-Net and four test images). T, the schedule, the data and the kind of
+    network stay as they are."""
+    if is_image_data(spec.base.data):  # a narrow U-Net and a few test images
+        base = replace(spec.base, iterations=20, batch_size=8, channels=8, warmup=5, log_every=10)
+        return replace(spec, base=base, seeds=spec.seeds[:1], eval_samples=4,
+                       metric_samples=min(spec.metric_samples, 4))
     base = replace(spec.base, iterations=20, batch_size=32, train_size=500, test_size=100,
                    warmup=5, log_every=10)
     return replace(spec, base=base, seeds=spec.seeds[:1], eval_samples=50, metric_samples=50)
@@ -56,7 +62,7 @@ def main(name: str, doc: str, spec: Callable[[bool], GridSpec], argv: list[str] 
     except ValueError as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2
-    print(results_table(result.rows))
+    print(results_table(result.rows, image=is_image_data(result.spec.base.data)))
     out = Path(args.out)
     print(f"\nresults: {out / 'results.md'}, {out / 'results.json'}"
           + (f"; figures: {out / 'figures'}" if result.figures else ""))
