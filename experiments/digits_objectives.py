@@ -11,7 +11,7 @@ t uniformly; Nichol & Dhariwal's best L_vlb numbers use importance-sampled t, ``
 importance``.) What the published trends predict is in ../shared/REFERENCE.md and, beside the
 measured table, in docs/results.md.
 
-Run from the repository root (36 runs of 4000 steps: a few CPU hours; see experiments/README.md)::
+Run from the repository root (36 runs of 2000 steps: about three CPU hours; see experiments/README.md)::
 
     python experiments/digits_objectives.py --out runs/digits_objectives
     python experiments/digits_objectives.py --quick --out /tmp/digits  # smoke run

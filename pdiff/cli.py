@@ -22,7 +22,9 @@ from .parameterization import PREDICTIONS
 from .compare import draw_samples, evaluate_run
 from .evaluation import bound_report
 from .run_data import is_image_data
-from .train import ENGINES, IMAGE_DEFAULTS, NETS, TrainConfig, Trainer, TrainingError, load_run
+from . import distributed
+from .train import (ENGINES, IMAGE_DEFAULTS, NETS, PRECISIONS, TrainConfig, Trainer, TrainingError,
+                    load_run, wrap_precision)
 from .oracle import MixtureDenoiser
 from .schedules import SCHEDULES, NoiseSchedule, make_schedule
 from .distributions.reverse import ReverseProcess
@@ -89,8 +91,12 @@ def _oracle_model(args, data):
 
 
 def cmd_evaluate(args) -> int:
+    distributed.init("cpu")  # under torchrun each rank evaluates a slice of the test points
     if args.checkpoint:
         return _evaluate_checkpoint(args)
+    if args.precision != "fp32":
+        raise UserError("--precision applies to a trained network (--checkpoint); the oracle is "
+                        "evaluated in float64")
     torch.set_default_dtype(torch.float64)  # the oracle is analytic: evaluate it in float64
     data = get_toy(args.data) if args.data else None
     model, rescaling, config = _oracle_model(args, data)
@@ -103,17 +109,20 @@ def cmd_evaluate(args) -> int:
                          generator=torch.Generator().manual_seed(args.seed + 1_000_003))
     # the paired gap estimate needs test points drawn from the data itself
     log_px = data.log_prob(x) if has_exact_density(data) and not args.data_file else None
+    gen = torch.Generator().manual_seed(distributed.rank_seed(args.seed))  # each rank its own draws
     with torch.no_grad():
         report = bound_report(model, rescaling.apply(x), log_jacobian=rescaling.log_abs_det,
                               entropy=entropy, data_log_prob=log_px, chunk_size=args.chunk_size,
-                              generator=torch.Generator().manual_seed(args.seed)).to_dict()
+                              generator=gen).to_dict()
     config["seed"] = args.seed
-    print(json.dumps(report | config) if args.json else _summary(report, config))
+    if distributed.is_main():
+        print(json.dumps(report | config) if args.json else _summary(report, config))
     return 0
 
 
 def _evaluate_checkpoint(args) -> int:
     run = _load_run_with_data_dir(args)
+    run.model = run.model.replace(net=wrap_precision(run.model.net, args.precision, "cpu"))
     cfg = run.config
     dim = run.rescaling.shift.numel()
     x = None
@@ -129,8 +138,10 @@ def _evaluate_checkpoint(args) -> int:
                           entropy_samples=args.entropy_samples, chunk_size=args.chunk_size, x=x)
     report.pop("_samples", None)
     config = asdict(cfg) | {"denoiser": "checkpoint", "checkpoint": str(args.checkpoint),
-                            "step": run.step, "eval_seed": args.seed}
-    print(json.dumps(report | config) if args.json else _summary(report, config))
+                            "step": run.step, "eval_seed": args.seed, "eval_precision": args.precision,
+                            "eval_processes": distributed.world_size()}
+    if distributed.is_main():
+        print(json.dumps(report | config) if args.json else _summary(report, config))
     return 0
 
 
@@ -187,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "to held-out test points (default: 2000 or the test split; 0: none)")
     ev.add_argument("--data-dir", metavar="DIR", help="with --checkpoint of an image run: where "
                     "the dataset's files are (default: the run's own --data-dir)")
+    ev.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                    help="with --checkpoint: bf16 runs the network under bfloat16 autocast")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=cmd_evaluate)
@@ -210,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--figure", metavar="PNG", help="also draw the samples against held-out data")
     sa.add_argument("--data-dir", metavar="DIR", help="image runs: where the dataset's files are "
                     "(default: the run's own --data-dir)")
+    sa.add_argument("--label", metavar="K|all",
+                    help="class-conditional runs: sample class K, or 'all' to cycle through the "
+                    "classes (default: unconditional, the null label)")
+    sa.add_argument("--guidance", type=float, default=0.0, metavar="W",
+                    help="classifier-free guidance scale w >= 0 with --label (default 0: the "
+                    "conditional model as trained)")
     sa.add_argument("--seed", type=int, default=0)
     sa.add_argument("--force", action="store_true", help="overwrite existing output files")
     sa.set_defaults(func=cmd_sample)
@@ -276,7 +295,7 @@ def _add_config_args(parser: argparse.ArgumentParser, exclude=(), defaults=None)
     choices = {"data": sorted(TOY_DATASETS) + list(IMAGE_DATASETS), "objective": OBJECTIVES, "variance": VARIANCES,
                "prediction": PREDICTIONS, "schedule": SCHEDULES, "decoder_variance": DECODER_VARIANCES,
                "sampler": SAMPLERS, "rescale": RESCALINGS, "net": NETS,
-               "embedding": EMBEDDINGS, "engine": ENGINES}
+               "embedding": EMBEDDINGS, "engine": ENGINES, "precision": PRECISIONS}
     for f in fields(TrainConfig):
         if f.name in exclude:
             continue
@@ -285,7 +304,9 @@ def _add_config_args(parser: argparse.ArgumentParser, exclude=(), defaults=None)
                                           if f.name in IMAGE_DEFAULTS else "") + ")"
         # None: not given, so _config_from_args fills in the dataset's default
         kw = {"default": None, "help": shown}
-        if f.name in choices:
+        if isinstance(f.default, bool):  # a switch: --compile
+            kw = {"default": None, "action": "store_true", "help": "(default: off)"}
+        elif f.name in choices:
             kw["choices"] = choices[f.name]
         elif f.name == "image_size" or isinstance(f.default, int):
             kw["type"] = int
@@ -304,19 +325,44 @@ def _config_from_args(args, exclude=(), toy_defaults=None) -> TrainConfig:
 
 
 def cmd_train(args) -> int:
+    """Train one run; under torchrun every rank runs this and rank 0 alone writes and prints."""
     cfg = _config_from_args(args)
     trainer = Trainer(cfg, args.out, resume=args.resume, force=args.force)
     try:
         last = trainer.train(progress=not args.no_progress)
     except TrainingError as e:
-        print(f"pdiff train: {e}", file=sys.stderr)
+        _report(f"pdiff train: {e}", e)
         return 1
-    print(json.dumps({"out": str(args.out), "step": trainer.step} | last))
+    if distributed.is_main():
+        print(json.dumps({"out": str(args.out), "step": trainer.step} | last))
     return 0
 
 
 SAMPLE_FORMATS = (".npy", ".csv", ".txt")
 IMAGE_SAMPLE_FORMATS = (".png", ".npy")
+
+
+def _sample_labels(run, args) -> torch.Tensor | None:
+    """--label K | all as one label per sample (None: unconditional), checked against the run."""
+    num_classes = getattr(run.model.net, "num_classes", None)
+    if args.guidance < 0:
+        raise UserError(f"--guidance must be >= 0, got {args.guidance}")
+    if args.label is None:
+        if args.guidance:
+            raise UserError("--guidance needs --label (the class to guide towards)")
+        return None
+    if not num_classes:
+        raise UserError(f"--label: the run in {args.checkpoint!r} is not class-conditional "
+                        "(train with --class-cond)")
+    if args.label == "all":
+        return torch.arange(args.num) % num_classes
+    try:
+        k = int(args.label)
+    except ValueError:
+        k = -1
+    if not 0 <= k < num_classes:
+        raise UserError(f"--label {args.label!r}: expected a class in 0..{num_classes - 1} or 'all'")
+    return torch.full((args.num,), k, dtype=torch.long)
 
 
 def _write_image_samples(run, x: torch.Tensor, out: Path, figure: Path | None, args) -> int:
@@ -401,7 +447,9 @@ def cmd_sample(args) -> int:
     _check_new_file(out, args.force, "output file")
     if figure is not None:
         _check_new_file(figure, args.force, "figure")
-    x = draw_samples(run, args.num, seed=args.seed, sampling_timesteps=args.sampling_timesteps)
+    labels = _sample_labels(run, args)
+    x = draw_samples(run, args.num, seed=args.seed, sampling_timesteps=args.sampling_timesteps,
+                     labels=labels, guidance=args.guidance)
     if image:
         return _write_image_samples(run, x, out, figure, args)
     _write_array_atomic(x.numpy(), out)
@@ -419,6 +467,15 @@ def cmd_sample(args) -> int:
                       "mean": x.mean(0).tolist(), "std": x.std(0).tolist()}
                      | ({"figure": str(figure)} if figure else {})))
     return 0
+
+
+def _grid_value(kind: type, text: str):
+    """``text`` as a value of ``kind``; booleans are true/false (bool("false") would be True)."""
+    if kind is bool:
+        if text.lower() not in ("true", "false"):
+            raise ValueError(text)
+        return text.lower() == "true"
+    return kind(text)
 
 
 def _grid_axes(items: list[str]) -> dict[str, tuple]:
@@ -439,9 +496,9 @@ def _grid_axes(items: list[str]) -> dict[str, tuple]:
         if name in axes:
             raise UserError(f"--grid names {name!r} twice")
         try:
-            axes[name] = tuple(types[name](v.strip()) for v in values.split(",") if v.strip())
+            axes[name] = tuple(_grid_value(types[name], v.strip()) for v in values.split(",") if v.strip())
         except ValueError:
-            raise UserError(f"--grid {item!r}: {name} takes {types[name].__name__} values") from None
+            raise UserError(f"--grid {item!r}: {name} takes {'true/false' if types[name] is bool else types[name].__name__} values") from None
     return axes
 
 
@@ -470,6 +527,16 @@ def cmd_compare(args) -> int:
     return 0 if any(r["ok"] for r in result.rows) else 1
 
 
+def _report(message: str, error: Exception) -> None:
+    """Print an error; under torchrun one raised on every rank at once is printed by rank 0 alone,
+    and no rank exits before it has (torchrun stops the others when one exits with an error)."""
+    everywhere = getattr(error, "on_every_rank", False)
+    if distributed.is_main() or not everywhere:
+        print(message, file=sys.stderr)
+    if everywhere:
+        distributed.barrier()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -477,10 +544,15 @@ def main(argv: list[str] | None = None) -> int:
     args.command_line = "pdiff " + " ".join(shlex.quote(a) for a in argv)
     warnings.formatwarning = lambda message, category, *_: f"pdiff {args.command}: warning: {message}\n"
     try:
+        if distributed.launched() and args.command not in ("train", "evaluate"):
+            raise UserError(f"pdiff {args.command} runs in one process; under torchrun only train "
+                            "and evaluate split their work over processes")
         return args.func(args)
     except (UserError, ValueError) as e:
-        print(f"pdiff {args.command}: error: {e}", file=sys.stderr)
+        _report(f"pdiff {args.command}: error: {e}", e)
         return 2
+    finally:
+        distributed.cleanup()
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from . import distributed
 from .data import entropy_mc, get_toy, has_exact_density, toy_split
 from .evaluation import bound_report
 from .metrics import energy_distance, sliced_wasserstein
@@ -41,12 +42,29 @@ SAMPLES_FILE = "samples.pt"
 # -- one run ---------------------------------------------------------------------------------------
 
 def draw_samples(run: Run, num: int, *, seed: int = 0, sampling_timesteps: int | None = None,
-                 chunk: int = 10_000) -> torch.Tensor:
+                 chunk: int = 10_000, labels: torch.Tensor | None = None,
+                 guidance: float = 0.0) -> torch.Tensor:
     """``num`` ancestral samples of a run's model, in the data's own units (rescaling undone),
-    float64 on the CPU. ``sampling_timesteps`` respaces the chain (evenly spaced steps, T kept)."""
+    float64 on the CPU. ``sampling_timesteps`` respaces the chain (evenly spaced steps, T kept).
+
+    A class-conditional run samples p(x) (the null label) unless ``labels`` (``num`` of them, or
+    one for all) are given; ``guidance`` w >= 0 is the classifier-free guidance scale
+    (``nets.GuidedNet``; 0: the conditional model as trained)."""
+    from .nets import GuidedNet
     from .schedules import spaced_steps
 
     model = run.model
+    num_classes = getattr(run.model.net, "num_classes", None)
+    if labels is None and guidance:
+        raise ValueError("classifier-free guidance needs labels to guide towards")
+    if labels is not None:
+        if not num_classes:
+            raise ValueError("labels were given but the run is not class-conditional (train it "
+                             "with --class-cond)")
+        labels = torch.as_tensor(labels, dtype=torch.long).expand(num)
+        if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+            raise ValueError(f"labels must lie in 0..{num_classes - 1}, got "
+                             f"{int(labels.min())}..{int(labels.max())}")
     if sampling_timesteps is not None and sampling_timesteps != model.num_timesteps:
         if not 1 <= sampling_timesteps <= model.num_timesteps:
             raise ValueError(f"sampling timesteps must be in 1..{model.num_timesteps} (the run's "
@@ -56,7 +74,11 @@ def draw_samples(run: Run, num: int, *, seed: int = 0, sampling_timesteps: int |
     parts = []
     for start in range(0, num, chunk):
         n = min(chunk, num - start)
-        parts.append(ancestral_sample(model, (n,) + tuple(run.event_shape), generator=gen,
+        part = model
+        if labels is not None:
+            net = GuidedNet(model.net, labels[start:start + n], guidance, num_classes)
+            part = model.replace(net=net)
+        parts.append(ancestral_sample(part, (n,) + tuple(run.event_shape), generator=gen,
                                       dtype=torch.float32).x0)
     x = torch.cat(parts).double()
     return run.rescaling.invert(x)
@@ -69,7 +91,9 @@ def evaluate_run(run: Run, *, samples: int = 4000, seed: int = 0, metric_samples
     units), as ``BoundReport.to_dict()``; with ``metric_samples`` > 0 also the energy distance and
     sliced Wasserstein-2 distance between that many model samples and as many test points.
 
-    The gap to the entropy is the paired estimate over the test points (``BoundReport``).
+    The gap to the entropy is the paired estimate over the test points (``BoundReport``). Under
+    ``torchrun`` every rank calls it: the bound is sharded over the ranks (``bound_report``) and the
+    sample metrics are drawn by rank 0 alone (the other ranks' reports lack them).
     """
     data = load_run_data(run.config, train=False)
     density = data.density
@@ -84,12 +108,12 @@ def evaluate_run(run: Run, *, samples: int = 4000, seed: int = 0, metric_samples
                entropy_mc(density, entropy_samples, generator=torch.Generator().manual_seed(seed + 1_000_003)))
     log_px = (density.log_prob(x.to(torch.get_default_dtype()))
               if paired and density is not None and has_exact_density(density) else None)
+    gen = torch.Generator().manual_seed(distributed.rank_seed(seed))  # each rank its own draws
     with torch.no_grad():
         report = bound_report(run.model, run.rescaling.apply(x).float(),
                               log_jacobian=run.rescaling.log_abs_det, entropy=entropy,
-                              data_log_prob=log_px, chunk_size=chunk_size,
-                              generator=torch.Generator().manual_seed(seed)).to_dict()
-    if metric_samples > 0:
+                              data_log_prob=log_px, chunk_size=chunk_size, generator=gen).to_dict()
+    if metric_samples > 0 and distributed.is_main():
         report |= sample_metrics(run, metric_samples, seed=seed)
     return report
 

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 import torch
 from torch.distributions import kl_divergence
 
-from .distributions.forward import ForwardChain, q_marginal, q_posterior
+from .distributions.forward import ForwardChain
+from .distributions.normal import DiagNormal, diag_normal, standard_normal
 from .distributions.reverse import ReverseOutput, ReverseProcess
-from .parameterization import xt_from_x0
+from .distributions.reverse_chain import reverse_log_prob
+from .parameterization import posterior_mean, xt_from_x0
 
 
 @dataclass
@@ -40,9 +42,10 @@ class Bound:
 
 def prior_term(model: ReverseProcess, x0: torch.Tensor) -> torch.Tensor:
     """L_T = KL(q(x_T | x_0) || N(0, I)), shape ``batch_shape``."""
-    T = model.num_timesteps
-    q = q_marginal(model.schedule, x0, T, event_dims=model.event_dims)
-    return kl_divergence(q, model.prior(x0))
+    ab = model.schedule.alpha_bar[-1].item()
+    q = DiagNormal(math.sqrt(ab) * x0, x0.new_full((), math.log1p(-ab)), model.event_dims,
+                   variance=x0.new_full((), 1 - ab), validate_args=False)
+    return kl_divergence(q, standard_normal(x0, model.event_dims))
 
 
 def step_term(model: ReverseProcess, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, *,
@@ -50,18 +53,31 @@ def step_term(model: ReverseProcess, x0: torch.Tensor, xt: torch.Tensor, t: torc
     """The term of step t at the given x_t: KL(q(x_{t-1}|x_t,x_0) || p_theta(x_{t-1}|x_t)) for
     t >= 2 and -log p_theta(x_0 | x_1) for t = 1; ``t`` may mix steps. Shape ``batch_shape``."""
     t = model.schedule.check_t(t).to(x0.device).expand(x0.shape[: x0.dim() - model.event_dims])
-    out = model.output(xt, t) if out is None else out
-    result = x0.new_empty(t.shape)
-    first = t == 1
-    if first.any():
-        p0 = model.decoder(xt[first], out=out[first], detach_mean=detach_mean)
-        result[first] = -p0.log_prob(x0[first])
-    rest = ~first
-    if rest.any():
-        q = q_posterior(model.schedule, x0[rest], xt[rest], t[rest], event_dims=model.event_dims)
-        p = model.transition(xt[rest], None, out=out[rest], detach_mean=detach_mean)
-        result[rest] = kl_divergence(q, p)
-    return result
+    return _step_term(model, x0, xt, t, model._output(xt, t) if out is None else out, detach_mean)
+
+
+def _step_term(model: ReverseProcess, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
+               out: ReverseOutput, detach_mean: bool = False) -> torch.Tensor:
+    """``step_term`` for checked steps ``t`` (a long tensor of the batch shape).
+
+    Both the KL and the decoder's NLL are computed for every entry and ``torch.where`` keeps the
+    right one: no boolean indexing, no copies and no wait for the device. The t = 1 entries take
+    their KL with the posterior's variance at t = 2 (beta_tilde_1 = 0 has no density); that finite
+    value is discarded, so neither it nor its (zero) gradient can be NaN.
+    """
+    d = model.event_dims
+    p = model.transition(xt, None, out=out, detach_mean=detach_mean, validate_args=False)
+    decoder = (p if model.decoder_type == "gaussian"
+               else model.decoder(xt, out=out, detach_mean=detach_mean))
+    nll = -decoder.log_prob(x0)
+    if model.num_timesteps == 1:
+        return nll
+    # q(x_{t-1} | x_t, x_0); its mean at t = 1 is x_0 itself, its variance beta_tilde_1 = 0 is
+    # replaced by beta_tilde_2 there (those entries are discarded)
+    variance = model.schedule.at("beta_tilde", t.clamp(min=2), xt, d)
+    q = diag_normal(posterior_mean(model.schedule, x0, xt, t, d), variance, event_dims=d,
+                    validate_args=False)
+    return torch.where(t == 1, nll, kl_divergence(q, p))
 
 
 def sample_xt(model: ReverseProcess, x0: torch.Tensor, t: torch.Tensor,
@@ -75,8 +91,9 @@ def full_bound(model: ReverseProcess, x0: torch.Tensor, *, chunk_size: int = 163
                generator: torch.Generator | None = None) -> Bound:
     """Every term of the bound for every example (the evaluation estimator), with no gradients.
 
-    The N x T (example, step) pairs are flattened and evaluated ``chunk_size`` at a time, so memory
-    is bounded by the chunk, not by T x N. Each term uses its own draw of x_t ~ q(x_t | x_0).
+    The N x T (example, step) pairs are flattened row-major and evaluated ``chunk_size`` at a time,
+    one network call per chunk, so memory is bounded by the chunk, not by T x N, and there is no
+    loop over t. Each term uses its own draw of x_t ~ q(x_t | x_0).
     """
     T, d = model.num_timesteps, model.event_dims
     batch_shape = x0.shape[: x0.dim() - d]
@@ -87,11 +104,12 @@ def full_bound(model: ReverseProcess, x0: torch.Tensor, *, chunk_size: int = 163
     terms = x0.new_empty(N * T)
     with torch.no_grad():
         for start in range(0, N * T, chunk_size):
-            idx = torch.arange(start, min(start + chunk_size, N * T), device=x0.device)
+            stop = min(start + chunk_size, N * T)
+            idx = torch.arange(start, stop, device=x0.device)
             n, t = idx // T, idx % T + 1  # row-major over (N, T)
-            x0_c = x0[n]
+            x0_c = x0.index_select(0, n)
             xt, _ = sample_xt(model, x0_c, t, generator)
-            terms[idx] = step_term(model, x0_c, xt, t)
+            terms[start:stop] = _step_term(model, x0_c, xt, t, model._output(xt, t))
         prior = prior_term(model, x0)
     return Bound(prior=prior, terms=terms.reshape(N, T))
 
@@ -100,8 +118,9 @@ def sampled_bound(model: ReverseProcess, x0: torch.Tensor, t: torch.Tensor, weig
                   *, generator: torch.Generator | None = None, detach_mean: bool = False):
     """The unbiased one-step estimator L_T + T w_t L_{t-1}, t drawn by a sampler with weights
     w_t = 1 / (T p_t) (1 for uniform t). Returns (estimate, term), both shape ``batch_shape``."""
+    t = model.schedule.check_t(t).to(x0.device).expand(x0.shape[: x0.dim() - model.event_dims])
     xt, _ = sample_xt(model, x0, t, generator)
-    term = step_term(model, x0, xt, t, detach_mean=detach_mean)
+    term = _step_term(model, x0, xt, t, model._output(xt, t), detach_mean)
     return prior_term(model, x0) + model.num_timesteps * weights * term, term
 
 
@@ -114,21 +133,9 @@ def trajectory_bound(model: ReverseProcess, x0: torch.Tensor, *,
     Its expectation is the bound; the network is evaluated at all T steps in one batch.
     Shape ``batch_shape``.
     """
-    d, T = model.event_dims, model.num_timesteps
-    chain = ForwardChain(model.schedule, x0, event_dims=d)
+    chain = ForwardChain(model.schedule, x0, event_dims=model.event_dims)
     traj = chain.rsample(generator=generator)  # batch + (T,) + event; index t-1 holds x_t
-    time_axis = traj.dim() - d - 1
-    at = lambda index: (slice(None),) * time_axis + (index,)  # noqa: E731
-    t = torch.arange(1, T + 1, device=x0.device).expand(traj.shape[: time_axis + 1])
-    out = model.output(traj, t)
-    x_T = traj[at(T - 1)]
-    log_p = model.prior(x_T).log_prob(x_T)
-    log_p = log_p + model.decoder(traj[at(0)], out=out[at(0)]).log_prob(x0)
-    if T > 1:
-        later = at(slice(1, None))
-        p = model.transition(traj[later], None, out=out[later])
-        log_p = log_p + p.log_prob(traj[at(slice(0, T - 1))]).sum(-1)
-    return -(log_p - chain.log_prob(traj))
+    return -(reverse_log_prob(model, traj, x0) - chain.log_prob(traj))
 
 
 def bits_per_dim(nats: torch.Tensor | float, num_dims: int):

@@ -6,8 +6,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from . import distributed
 from .distributions.reverse import ReverseProcess
-from .elbo import bits_per_dim, full_bound
+from .elbo import Bound, bits_per_dim, full_bound
 
 
 @dataclass
@@ -51,8 +52,13 @@ def bound_report(model: ReverseProcess, x: torch.Tensor, *, log_jacobian: float 
 
     ``data_log_prob``, shape (N,): log p_data of the examples in the data's own units, for the
     paired gap estimate (see ``BoundReport``).
+
+    Under ``torchrun`` every rank passes the same ``x`` and gets the same report: rank r evaluates
+    the r-th of W contiguous slices of ``x`` and the per-example terms are gathered in order. Give
+    each rank its own ``generator`` (seeded ``distributed.rank_seed(seed)``), or the slices share
+    their noise draws.
     """
-    bound = full_bound(model, x, chunk_size=chunk_size, generator=generator)
+    bound = sharded_bound(model, x, chunk_size=chunk_size, generator=generator)
     total = bound.total.double() - log_jacobian
     n = total.shape[0]
     nll = total.mean().item()
@@ -71,3 +77,18 @@ def bound_report(model: ReverseProcess, x: torch.Tensor, *, log_jacobian: float 
                        terms_nats=bound.terms.double().mean(0).tolist(), log_jacobian_nats=log_jacobian,
                        entropy_nats=h, entropy_stderr=h_se, gap_nats=gap, gap_stderr=gap_se,
                        num_samples=n, dim=dim)
+
+
+def sharded_bound(model: ReverseProcess, x: torch.Tensor, *, chunk_size: int = 16384,
+                  generator: torch.Generator | None = None) -> Bound:
+    """``full_bound`` of every example of ``x``, its examples split over the ranks under
+    ``torchrun`` (``full_bound`` itself in one process)."""
+    W = distributed.world_size()
+    if W == 1:
+        return full_bound(model, x, chunk_size=chunk_size, generator=generator)
+    sizes = [len(part) for part in torch.arange(x.shape[0]).tensor_split(W)]
+    start = sum(sizes[: distributed.rank()])
+    mine = full_bound(model, x[start: start + sizes[distributed.rank()]], chunk_size=chunk_size,
+                      generator=generator)
+    return Bound(prior=distributed.all_gather_cat(mine.prior, sizes),
+                 terms=distributed.all_gather_cat(mine.terms, sizes))

@@ -10,15 +10,23 @@ site the guide and model distributions are Gaussians with a registered KL, so
 ``forward_guide``: x_t ~ q(x_t | x_{t-1}) for t = 1..T. ``Trace_ELBO`` with it is the trajectory
 estimator -log p(x_T) - sum_t log [p_theta(x_{t-1} | x_t) / q(x_t | x_{t-1})], negated.
 
-Both are trainable with ``pyro.infer.SVI``; the network is registered with ``pyro.module``.
+``chain_model`` and ``chain_guide``: the same joint distributions with the latent trajectory x_{1:T}
+as ONE site ``x_1:T`` (a ``ReverseChain`` in the model, a ``ForwardChain`` in the guide), and x_0
+observed under the decoder. ``Trace_ELBO`` with them is the trajectory estimator again, but the
+network sees all T steps in one batch instead of one site (and one call) per step.
+
+All are trainable with ``pyro.infer.SVI``; the network is registered with ``pyro.module``.
 """
 from __future__ import annotations
 
 import pyro
 import torch
 
-from .distributions.forward import q_marginal, q_posterior, q_step
+from .distributions.forward import ForwardChain, q_marginal, q_posterior, q_step
 from .distributions.reverse import ReverseProcess
+from .distributions.reverse_chain import ReverseChain
+
+TRAJECTORY = "x_1:T"  # the one latent site of chain_model / chain_guide
 
 
 def _steps(x0: torch.Tensor, t: int, event_dims: int) -> torch.Tensor:
@@ -57,3 +65,19 @@ def forward_guide(p: ReverseProcess, x0: torch.Tensor) -> None:
         x = x0
         for t in pyro.markov(range(1, T + 1)):
             x = pyro.sample(f"x_{t}", q_step(s, x, _steps(x0, t, d), event_dims=d))
+
+
+def chain_model(p: ReverseProcess, x0: torch.Tensor) -> None:
+    """p_theta(x_{0:T}) as two sites: the trajectory x_{1:T} ~ ``ReverseChain`` (p(x_T) and the
+    transitions t = T..2, one network call), then x_0 ~ p_theta(x_0 | x_1) observed."""
+    _register(p)
+    with pyro.plate("data", x0.shape[0]):
+        trajectory = pyro.sample(TRAJECTORY, ReverseChain(p, x0))
+        x1 = trajectory.select(x0.dim() - p.event_dims, 0)  # index 0 of the time axis holds x_1
+        pyro.sample("x_0", p.decoder(x1), obs=x0)
+
+
+def chain_guide(p: ReverseProcess, x0: torch.Tensor) -> None:
+    """q(x_{1:T} | x_0) as one site: the whole forward chain (``ForwardChain``), drawn at once."""
+    with pyro.plate("data", x0.shape[0]):
+        pyro.sample(TRAJECTORY, ForwardChain(p.schedule, x0, event_dims=p.event_dims))

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from .distributions.reverse import ReverseProcess
-from .elbo import sample_xt, sampled_bound, step_term, trajectory_bound
+from .elbo import _step_term, prior_term, sample_xt, trajectory_bound
 from .parameterization import posterior_mean
 
 OBJECTIVES = ("simple", "vlb", "hybrid", "trajectory")
@@ -50,11 +50,13 @@ class UniformSampler:
         return torch.full((self.num_timesteps,), 1.0 / self.num_timesteps, dtype=torch.float64)
 
     def sample(self, n: int, device=None, generator: torch.Generator | None = None):
-        """(t, w): n steps in 1..T drawn with ``probs`` and their weights 1 / (T p_t)."""
-        p = self.probs()
-        idx = torch.multinomial(p, n, replacement=True, generator=generator)
-        weights = 1.0 / (self.num_timesteps * p[idx])
-        return (idx + 1).to(device), weights.to(device=device, dtype=torch.get_default_dtype())
+        """(t, w): n steps in 1..T drawn with ``probs`` and their weights 1 / (T p_t) (here 1).
+
+        The draw happens on the generator's device (the CPU without one), so a CUDA generator
+        costs no copy between host and device."""
+        where = generator.device if generator is not None else torch.device("cpu")
+        t = torch.randint(1, self.num_timesteps + 1, (n,), generator=generator, device=where)
+        return t.to(device), torch.ones(n, device=device, dtype=torch.get_default_dtype())
 
     def update(self, t: torch.Tensor, term: torch.Tensor) -> None:
         """Uniform sampling keeps no statistics."""
@@ -68,7 +70,11 @@ class UniformSampler:
 
 class ImportanceSampler(UniformSampler):
     """p_t proportional to sqrt(E[L_t^2]) over the last ``history`` values of each term, uniform until
-    every t has ``history`` values, mixed with ``uniform_prob`` of uniform (Nichol & Dhariwal sec. 3.3)."""
+    every t has ``history`` values, mixed with ``uniform_prob`` of uniform (Nichol & Dhariwal sec. 3.3).
+
+    The history lives on the device of the terms it is given (no copy to the host per step) and is
+    saved on the CPU.
+    """
 
     def __init__(self, num_timesteps: int, history: int = 10, uniform_prob: float = 0.001):
         super().__init__(num_timesteps)
@@ -81,24 +87,51 @@ class ImportanceSampler(UniformSampler):
 
     def probs(self) -> torch.Tensor:
         if not self.warmed_up():
-            return super().probs()
+            return super().probs().to(self.values.device)
         p = (self.values**2).mean(-1).sqrt()
         p = p / p.sum()
         return p * (1 - self.uniform_prob) + self.uniform_prob / self.num_timesteps
 
+    def sample(self, n: int, device=None, generator: torch.Generator | None = None):
+        """(t, w) as ``UniformSampler.sample``, with p_t from ``probs`` and w = 1 / (T p_t)."""
+        where = generator.device if generator is not None else torch.device("cpu")
+        p = self.probs().to(where)
+        idx = torch.multinomial(p, n, replacement=True, generator=generator)
+        weights = 1.0 / (self.num_timesteps * p[idx])
+        return (idx + 1).to(device), weights.to(device=device, dtype=torch.get_default_dtype())
+
     def update(self, t: torch.Tensor, term: torch.Tensor) -> None:
-        """Record the bound terms ``term`` (nats) observed at steps ``t``."""
-        for step, value in zip(t.detach().cpu().tolist(), term.detach().cpu().double().tolist()):
-            i = step - 1
-            if self.counts[i] >= self.history:
-                self.values[i] = torch.roll(self.values[i], -1)
-                self.values[i, -1] = value
-            else:
-                self.values[i, self.counts[i]] = value
-                self.counts[i] += 1
+        """Record the bound terms ``term`` (nats) observed at steps ``t``, in order: each step keeps
+        its last ``history`` values, oldest first. Vectorized over the batch, several entries of
+        one step included."""
+        T, H = self.num_timesteps, self.history
+        i = t.detach().reshape(-1) - 1
+        device = i.device
+        if self.values.device != device:
+            self.values, self.counts = self.values.to(device), self.counts.to(device)
+        value = term.detach().reshape(-1).to(torch.float64)
+        added = torch.bincount(i, minlength=T)  # (T,) new values per step
+        length = self.counts + added  # old and new values, in order
+        kept = length.clamp(max=H)
+        shift = length - kept  # how many of the oldest fall out
+        # old values move left by `shift`; a slot past the old ones is filled below or stays 0
+        src = torch.arange(H, device=device) + shift[:, None]  # (T, H)
+        values = torch.where(src < self.counts[:, None],
+                             self.values.gather(1, src.clamp(max=H - 1)), 0.0)
+        # rank of each new value among its step's new values, in batch order
+        order = torch.sort(i, stable=True).indices
+        first = torch.cumsum(added, 0) - added  # position of each step's first entry once sorted
+        rank = torch.empty_like(i)
+        rank[order] = torch.arange(i.numel(), device=device) - first[i[order]]
+        from_end = added[i] - 1 - rank  # 0 for the newest value of its step
+        column = kept[i] - 1 - from_end
+        column = torch.where(from_end < H, column, H)  # dropped values go to a spare column
+        values = torch.cat([values, values.new_zeros(T, 1)], 1)
+        values[i, column] = value
+        self.values, self.counts = values[:, :H].contiguous(), kept
 
     def state_dict(self) -> dict:
-        return {"values": self.values.clone(), "counts": self.counts.clone()}
+        return {"values": self.values.cpu().clone(), "counts": self.counts.cpu().clone()}
 
     def load_state_dict(self, state: dict) -> None:
         self.values, self.counts = state["values"].clone(), state["counts"].clone()
@@ -131,15 +164,17 @@ def simple_loss(model: ReverseProcess, x0, *, sampler, generator=None, **_) -> L
     """L_simple = E ||target - prediction||^2 averaged over dimensions (Ho et al. eq. 14)."""
     t, _w = sampler.sample(x0.shape[0], x0.device, generator)
     xt, eps = sample_xt(model, x0, t, generator)
-    out = model.output(xt, t)
+    out = model._output(xt, t)  # t from the sampler lies in 1..T
     return LossOutput(_squared_error(model, out, x0, xt, t, eps), t)
 
 
 def vlb_loss(model: ReverseProcess, x0, *, sampler, generator=None, **_) -> LossOutput:
-    """The bound L_T + T w_t L_{t-1} with t from ``sampler`` (nats per example)."""
+    """The bound L_T + T w_t L_{t-1} with t from ``sampler`` (nats per example), as
+    ``elbo.sampled_bound``."""
     t, w = sampler.sample(x0.shape[0], x0.device, generator)
-    estimate, term = sampled_bound(model, x0, t, w, generator=generator)
-    return LossOutput(estimate, t, term)
+    xt, _ = sample_xt(model, x0, t, generator)
+    term = _step_term(model, x0, xt, t, model._output(xt, t))
+    return LossOutput(prior_term(model, x0) + model.num_timesteps * w * term, t, term)
 
 
 def hybrid_loss(model: ReverseProcess, x0, *, sampler, generator=None,
@@ -147,12 +182,12 @@ def hybrid_loss(model: ReverseProcess, x0, *, sampler, generator=None,
     """L_simple + lambda L_vlb, the bound term in bits per dimension with mu_theta detached."""
     t, w = sampler.sample(x0.shape[0], x0.device, generator)
     xt, eps = sample_xt(model, x0, t, generator)
-    out = model.output(xt, t)
+    out = model._output(xt, t)
     simple = _squared_error(model, out, x0, xt, t, eps)
-    term = step_term(model, x0, xt, t, out=out, detach_mean=True)
-    num_dims = x0[0].numel()
-    vlb = model.num_timesteps * w * term / (num_dims * math.log(2))
-    return LossOutput(simple + hybrid_weight * vlb, t, term.detach())
+    term = _step_term(model, x0, xt, t, out, detach_mean=True)
+    num_dims = math.prod(x0.shape[x0.dim() - model.event_dims:])
+    scale = hybrid_weight * model.num_timesteps / (num_dims * math.log(2))  # lambda T / (D ln 2)
+    return LossOutput(simple + scale * w * term, t, term.detach())
 
 
 def trajectory_loss(model: ReverseProcess, x0, *, sampler=None, generator=None, **_) -> LossOutput:

@@ -22,20 +22,20 @@ def check_prediction(name: str) -> str:
 
 def xt_from_x0(schedule: NoiseSchedule, x0, t, eps, event_dims: int):
     """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (eq. 4, the reparameterized marginal)."""
-    ab = schedule.at("alpha_bar", t, x0, event_dims)
-    return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+    a = schedule.at("sqrt_alpha_bar", t, x0, event_dims)
+    return a * x0 + schedule.at("sqrt_one_minus_alpha_bar", t, x0, event_dims) * eps
 
 
 def x0_from_eps(schedule: NoiseSchedule, xt, t, eps, event_dims: int):
     """x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t) (eq. 4 solved for x_0)."""
-    ab = schedule.at("alpha_bar", t, xt, event_dims)
-    return (xt - (1 - ab).sqrt() * eps) / ab.sqrt()
+    a = schedule.at("sqrt_alpha_bar", t, xt, event_dims)
+    return (xt - schedule.at("sqrt_one_minus_alpha_bar", t, xt, event_dims) * eps) / a
 
 
 def eps_from_x0(schedule: NoiseSchedule, xt, t, x0, event_dims: int):
     """eps = (x_t - sqrt(alpha_bar_t) x_0) / sqrt(1 - alpha_bar_t) (eq. 4 solved for eps)."""
-    ab = schedule.at("alpha_bar", t, xt, event_dims)
-    return (xt - ab.sqrt() * x0) / (1 - ab).sqrt()
+    a = schedule.at("sqrt_alpha_bar", t, xt, event_dims)
+    return (xt - a * x0) / schedule.at("sqrt_one_minus_alpha_bar", t, xt, event_dims)
 
 
 def posterior_mean(schedule: NoiseSchedule, x0, xt, t, event_dims: int):

@@ -5,6 +5,15 @@ RNG state, timestep-sampler state, configuration, rescaling) and ``metrics.jsonl
 logged step: the mean loss over the steps since the previous line). Every random draw of training
 comes from one ``torch.Generator`` saved in the checkpoint, so a resumed run reproduces an
 uninterrupted one exactly (on the same device).
+
+Under ``torchrun`` (see ``distributed``) the network is wrapped in ``DistributedDataParallel``:
+``batch_size`` stays the global batch, each of the W ranks draws ``batch_size / W`` examples, t and
+noise from its own generator (seeded ``distributed.rank_seed(seed, rank)``: rank 0's stream is the
+one-process stream), and the gradients are averaged over ranks. The importance sampler sees every
+rank's (t, term) pairs, in rank order, so it is the same on every rank. Rank 0 alone writes the run
+directory; checkpoints hold the plain module's weights (interchangeable with one-process ones) and
+every rank's generator state, so a resume on as many ranks is exact; a resume on another number is
+allowed, with fresh random streams and a warning.
 """
 from __future__ import annotations
 
@@ -14,26 +23,31 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
+from . import distributed
 from .data import IMAGE_DATASETS, RESCALINGS, TOY_DATASETS, Rescaling
 from .distributions.reverse import DECODER_VARIANCES, LEARNED_VARIANCES, VARIANCES, ReverseProcess
 from .markov import forward_guide, model as markov_model, posterior_guide
-from .nets import EMBEDDINGS, MeanVarianceNets, MLPDenoiser, UNet, unet_for
+from .nets import EMBEDDINGS, LabelledNet, MeanVarianceNets, MLPDenoiser, UNet, unet_for
 from .objectives import OBJECTIVES, SAMPLERS, get_objective, make_sampler
 from .parameterization import PREDICTIONS
 from .run_data import is_image_data, load_run_data
 from .schedules import SCHEDULES, make_schedule
 
 ENGINES = ("torch", "pyro")
+PRECISIONS = ("fp32", "bf16")  # bf16: the network's forward under torch.autocast, the rest fp32
+# fields that change how fast a run trains, not what it trains: a resume may change them
+RUNTIME_FIELDS = ("iterations", "device", "log_every", "checkpoint_every", "precision", "compile")
 NETS = ("auto", "mlp", "mean_variance", "unet")
 # Image runs (U-Net, T network passes of a bigger net per batch on CPU): smaller batches, a lower
 # learning rate and a slower EMA than the toys, as the DDPM and Improved-DDPM image runs use.
 IMAGE_DEFAULTS = {"batch_size": 64, "lr": 1e-3, "ema_decay": 0.999, "warmup": 200,
-                  "iterations": 4000}
+                  "iterations": 2000}
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -47,7 +61,12 @@ class TrainConfig:
 
     ``net`` ``auto`` is the MLP for toys and the U-Net for images; ``hidden`` and ``depth`` size
     the MLP, ``channels`` (0: sized by ``unet_for`` for the image size) and ``dropout`` the U-Net.
-    ``data_dir`` and ``image_size`` apply to image datasets.
+    ``data_dir`` and ``image_size`` apply to image datasets. ``batch_size`` is the global batch,
+    split over the ranks under ``torchrun``. ``precision`` ``bf16`` runs the network's forward under
+    bfloat16 autocast (the loss, KLs and schedule stay fp32/float64); ``compile`` wraps the network
+    in ``torch.compile``. ``class_cond`` makes the U-Net class-conditional on the dataset's labels,
+    each label replaced by the null label with probability ``label_dropout`` so that one network
+    is both p(x | y) and p(x) (classifier-free guidance, Ho & Salimans 2022).
     """
 
     data: str = "mixture1d"
@@ -81,11 +100,16 @@ class TrainConfig:
     engine: str = "torch"
     log_every: int = 50
     checkpoint_every: int = 1000
+    precision: str = "fp32"
+    compile: bool = False
+    class_cond: bool = False
+    label_dropout: float = 0.1
 
     CHOICES = {"data": tuple(sorted(TOY_DATASETS)) + IMAGE_DATASETS, "variance": VARIANCES, "prediction": PREDICTIONS,
                "schedule": SCHEDULES, "decoder_variance": DECODER_VARIANCES, "rescale": RESCALINGS,
                "embedding": EMBEDDINGS, "net": NETS, "engine": ENGINES,
-               "objective": OBJECTIVES, "sampler": SAMPLERS}
+               "objective": OBJECTIVES, "sampler": SAMPLERS,
+               "precision": PRECISIONS}
 
     def validate(self) -> "TrainConfig":
         """Refuse inconsistent options with a ``ValueError`` naming what is valid."""
@@ -110,6 +134,11 @@ class TrainConfig:
                              f"{self.data}, got {self.rescale!r}")
         if self.image_size is not None and self.image_size < 4:
             raise ValueError(f"image_size must be >= 4, got {self.image_size}")
+        if self.class_cond and not image:
+            raise ValueError(f"--class-cond conditions the U-Net on image labels; {self.data} is "
+                             "vector data")
+        if not 0 <= self.label_dropout <= 1:
+            raise ValueError(f"label_dropout must be in [0, 1], got {self.label_dropout}")
         if self.channels < 0 or not 0 <= self.dropout < 1:
             raise ValueError(f"need channels >= 0 (0: the default width) and 0 <= dropout < 1, got "
                              f"channels {self.channels}, dropout {self.dropout}")
@@ -124,6 +153,12 @@ class TrainConfig:
             raise ValueError("need lr > 0, 0 <= ema_decay < 1 and grad_clip > 0")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("--device cuda was asked for but no CUDA device is available")
+        if (self.precision == "bf16" and self.device.startswith("cuda")
+                and not torch.cuda.is_bf16_supported()):
+            raise ValueError("--precision bf16 needs a GPU with bfloat16 support; use fp32 here")
+        if self.compile and not _compile_supported():
+            raise ValueError("--compile needs torch.compile, which this Python/torch build does not "
+                             "support; train without --compile")
         return self
 
     @classmethod
@@ -138,12 +173,54 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def build_net(cfg: TrainConfig, event_shape) -> torch.nn.Module:
-    """The denoiser for data of ``event_shape``: (D,) for toys, (C, H, W) for images."""
+def _compile_supported() -> bool:
+    try:
+        return bool(torch._dynamo.is_dynamo_supported())
+    except Exception:  # no dynamo at all in this build
+        return False
+
+
+class Autocast(torch.nn.Module):
+    """``net``'s forward under ``torch.autocast(device_type, bfloat16)``, its outputs cast back to
+    float32: only the network runs in bfloat16, every term computed from its outputs stays fp32."""
+
+    def __init__(self, net: torch.nn.Module, device_type: str):
+        super().__init__()
+        self.net, self.device_type = net, device_type
+
+    def forward(self, xt: torch.Tensor, t: torch.Tensor, *labels):
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            out = self.net(xt, t, *labels)
+        return type(out)(o.float() for o in out) if isinstance(out, (tuple, list)) else out.float()
+
+
+def wrap_precision(net: torch.nn.Module, precision: str, device_type: str) -> torch.nn.Module:
+    """``net`` itself for ``fp32``, ``Autocast(net)`` for ``bf16``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    return net if precision == "fp32" else Autocast(net, device_type)
+
+
+def gather_steps(t: torch.Tensor, term: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's (t, term) pairs in rank order, in one collective (the pairs as given in one
+    process): what the importance sampler of every rank is updated with, so all stay identical."""
+    if distributed.world_size() == 1:
+        return t, term
+    pairs = distributed.all_gather_cat(torch.stack([t.double(), term.detach().double()], 1))  # (W n, 2)
+    return pairs[:, 0].long(), pairs[:, 1]
+
+
+def build_net(cfg: TrainConfig, event_shape, num_classes: int | None = None) -> torch.nn.Module:
+    """The denoiser for data of ``event_shape``: (D,) for toys, (C, H, W) for images;
+    ``num_classes`` labels (with ``cfg.class_cond``) for a class-conditional U-Net."""
     mult = 2 if cfg.variance in LEARNED_VARIANCES else 1
     if is_image_data(cfg.data):
         C, H, W = event_shape
         width = {"base_channels": cfg.channels} if cfg.channels else {}
+        if cfg.class_cond:
+            if not num_classes:
+                raise ValueError(f"--class-cond needs class labels, and {cfg.data} has none here")
+            width["num_classes"] = num_classes
         return UNet(**unet_for(H, C, out_multiplier=mult, dropout=cfg.dropout, **width))
     dim = event_shape[0]
     kw = dict(hidden=cfg.hidden, depth=cfg.depth, embedding=cfg.embedding)
@@ -222,7 +299,7 @@ def load_run(out: str | Path, *, ema: bool = True, device: str = "cpu") -> Run:
         state = torch.load(path, map_location=device, weights_only=False)
         cfg = TrainConfig.from_dict(state["config"])
         event_shape = tuple(state["event_shape"] if "event_shape" in state else (state["dim"],))
-        net = build_net(cfg, event_shape)
+        net = build_net(cfg, event_shape, state.get("num_classes"))
         net.load_state_dict(state["ema" if ema else "net"])
     except Exception as e:  # a truncated or foreign file
         raise ValueError(f"checkpoint {path} is corrupt or not a pdiff checkpoint: {e}") from None
@@ -233,30 +310,68 @@ def load_run(out: str | Path, *, ema: bool = True, device: str = "cpu") -> Run:
 
 
 class Trainer:
-    """Trains ``cfg`` into the run directory ``out``."""
+    """Trains ``cfg`` into the run directory ``out`` (one process, or every rank under ``torchrun``).
+
+    ``self.net`` is the plain module (optimizer, EMA, checkpoints); ``self.model`` is p_theta around
+    the network as trained: wrapped in ``DistributedDataParallel`` under ``torchrun``, in
+    ``torch.compile`` with ``compile`` and in bfloat16 autocast with ``precision`` bf16, all of them
+    sharing the plain module's parameters.
+    """
 
     def __init__(self, cfg: TrainConfig, out: str | Path, *, resume: bool = False, force: bool = False):
         self.cfg = cfg.validate()
         self.out = Path(out)
-        self._prepare_dir(resume, force)
+        self.device = distributed.init(cfg.device)  # cuda:LOCAL_RANK under torchrun
+        self.world_size, self.rank = distributed.world_size(), distributed.rank()
+        # rank 0 checks and prepares the directory; its refusal is raised on every rank
+        has_checkpoint = distributed.on_main(lambda: self._prepare_dir(resume, force))
+        self.local_batch = cfg.batch_size // self.world_size
         torch.manual_seed(cfg.seed)
-        self.device = torch.device(cfg.device)
         data = load_run_data(cfg)
         self.event_shape, self.num_levels = data.event_shape, data.num_levels
         self.rescaling = data.rescaling
+        # the whole train split lives on the device: batches are gathered there, no copy per step
         self.train_x = data.train.to(self.device, torch.float32)
-        self.net = build_net(cfg, self.event_shape).to(self.device, torch.float32)
+        self.num_classes = data.num_classes if cfg.class_cond else None
+        if cfg.class_cond and (data.train_labels is None or not data.num_classes):
+            raise ValueError(f"--class-cond needs class labels, and {cfg.data} has none")
+        self.train_y = data.train_labels.to(self.device) if cfg.class_cond else None
+        self.net = build_net(cfg, self.event_shape, self.num_classes).to(self.device, torch.float32)
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
-        self.model = build_model(cfg, self.net, self.num_levels)
+        if self.rank > 0:  # dropout masks differ across ranks; rank 0 keeps the one-process stream
+            torch.manual_seed(distributed.rank_seed(cfg.seed))
+        self.model = build_model(cfg, self._training_net(), self.num_levels)
         self.loss_fn = get_objective(cfg.objective)
         self.sampler = make_sampler(cfg.sampler, cfg.timesteps)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.gen = torch.Generator(device=self.device).manual_seed(distributed.rank_seed(cfg.seed))
         self.step = 0
-        if resume and (self.out / CHECKPOINT).exists():
+        if has_checkpoint:
             self._load()
 
-    def _prepare_dir(self, resume: bool, force: bool) -> None:
+    def _training_net(self) -> torch.nn.Module:
+        """The plain module, wrapped for data parallelism, compilation and precision as asked."""
+        net: torch.nn.Module = self.net
+        if self.world_size > 1:
+            # separate mean and variance MLPs under L_simple: the variance MLP gets no gradient
+            unused = self.cfg.objective == "simple" and self.cfg.net == "mean_variance"
+            net = torch.nn.parallel.DistributedDataParallel(
+                net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=unused)
+        if self.cfg.compile:
+            net = torch.compile(net)
+        net = wrap_precision(net, self.cfg.precision, self.device.type)
+        # class-conditional: the labels of each batch are set on this wrapper before its loss
+        self.labelled = LabelledNet(net) if self.cfg.class_cond else None
+        return self.labelled or net
+
+    def _prepare_dir(self, resume: bool, force: bool) -> bool:
+        """Check and create the run directory, write config.json (rank 0 only); returns whether there
+        is a checkpoint to resume from."""
+        W = distributed.world_size()
+        if self.cfg.batch_size % W:
+            raise ValueError(f"--batch-size {self.cfg.batch_size} (the global batch) must be divisible "
+                             f"by the number of processes, {W}")
         ckpt = self.out / CHECKPOINT
         if self.out.exists() and any(self.out.iterdir()) and not (resume or force):
             raise ValueError(f"run directory {str(self.out)!r} exists and is not empty; pass --resume "
@@ -268,11 +383,12 @@ class Trainer:
             probe.unlink()
         except OSError as e:
             raise ValueError(f"cannot write to run directory {str(self.out)!r}: {e.strerror}") from None
-        if resume and ckpt.exists():
+        has_checkpoint = resume and ckpt.exists()
+        if has_checkpoint:
             saved = json.loads((self.out / "config.json").read_text())
             mine = asdict(self.cfg)
-            differ = [k for k in mine if k not in ("iterations", "device", "log_every",
-                                                   "checkpoint_every") and saved.get(k) != mine[k]]
+            # runtime fields missing from an older config.json read as their defaults
+            differ = [k for k in mine if k not in RUNTIME_FIELDS and saved.get(k) != mine[k]]
             if differ:
                 raise ValueError(f"cannot resume {str(self.out)!r}: its configuration differs in "
                                  + ", ".join(f"{k} (saved {saved.get(k)!r}, given {mine[k]!r})" for k in differ))
@@ -280,28 +396,65 @@ class Trainer:
             for name in (CHECKPOINT, "metrics.jsonl", "config.json"):
                 (self.out / name).unlink(missing_ok=True)
         atomic_write_text(json.dumps(asdict(self.cfg), indent=2), self.out / "config.json")
+        return has_checkpoint
 
-    def _state(self) -> dict:
+    def _rng_state(self) -> dict:
+        state = {"generator": self.gen.get_state(), "torch_rng": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _state(self) -> dict | None:
+        """The checkpoint (on rank 0; None on the others). Every rank must call it: it gathers the
+        ranks' generator states."""
+        rngs = distributed.gather_object(self._rng_state())
+        if rngs is None:
+            return None
         return {"net": self.net.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
-                "step": self.step, "generator": self.gen.get_state(), "sampler": self.sampler.state_dict(),
-                "torch_rng": torch.get_rng_state(), "config": asdict(self.cfg),
+                "step": self.step, "generator": rngs[0]["generator"], "torch_rng": rngs[0]["torch_rng"],
+                "rng": rngs, "world_size": len(rngs),
+                "sampler": self.sampler.state_dict(), "config": asdict(self.cfg),
                 "event_shape": list(self.event_shape), "num_levels": self.num_levels,
+                "num_classes": self.num_classes,
                 "rescale_shift": self.rescaling.shift, "rescale_scale": self.rescaling.scale}
 
     def _load(self) -> None:
+        path = self.out / CHECKPOINT
+
+        def read():
+            try:
+                return torch.load(path, map_location="cpu", weights_only=False)
+            except Exception as e:
+                raise ValueError(f"checkpoint {path} is corrupt or not a pdiff checkpoint: "
+                                 f"{e}") from None
+
+        state = distributed.on_main(read)  # read once, handed to every rank (no shared disk needed)
         try:
-            state = torch.load(self.out / CHECKPOINT, map_location=self.device, weights_only=False)
             self.net.load_state_dict(state["net"])
             self.ema.load_state_dict(state["ema"])
             self.opt.load_state_dict(state["opt"])
-            self.gen.set_state(state["generator"])
             self.sampler.load_state_dict(state["sampler"])
-            torch.set_rng_state(state["torch_rng"])
             self.step = state["step"]
+            # one state per rank; older checkpoints hold one process's
+            rngs = state.get("rng") or [{k: state[k] for k in ("generator", "torch_rng")}]
+            if len(rngs) == self.world_size:
+                mine = rngs[self.rank]
+                self.gen.set_state(mine["generator"])
+                torch.set_rng_state(mine["torch_rng"])
+                if "cuda_rng" in mine and self.device.type == "cuda":
+                    torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
         except Exception as e:
-            raise ValueError(f"checkpoint {self.out / CHECKPOINT} is corrupt or not a pdiff "
-                             f"checkpoint: {e}") from None
-        self._truncate_metrics()
+            raise ValueError(f"checkpoint {path} is corrupt or not a pdiff checkpoint: {e}") from None
+        if len(rngs) != self.world_size:
+            if distributed.is_main():
+                warnings.warn(f"{path} was saved by {len(rngs)} process(es) and is resumed on "
+                              f"{self.world_size}: the random streams start afresh, so the run goes on "
+                              "correctly but not draw for draw as an uninterrupted one", stacklevel=2)
+            seed = distributed.rank_seed(self.cfg.seed * 1_000_003 + self.step + 1)
+            self.gen.manual_seed(seed)
+            torch.manual_seed(seed)
+        if distributed.is_main():
+            self._truncate_metrics()
 
     def _truncate_metrics(self) -> None:
         """Drop metric lines logged after the checkpoint, so a resumed log has no duplicates."""
@@ -311,21 +464,35 @@ class Trainer:
             atomic_write_text("".join(ln + "\n" for ln in keep), path)
 
     def save(self) -> None:
-        atomic_save(self._state(), self.out / CHECKPOINT)
+        """Write the checkpoint (rank 0); every rank must call it."""
+        state = self._state()
+        if state is not None:
+            atomic_save(state, self.out / CHECKPOINT)
 
     def _loss(self, x0: torch.Tensor) -> torch.Tensor:
         if self.cfg.engine == "pyro":
             import pyro
             from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
+            from .markov import chain_guide, chain_model
+
             pyro.clear_param_store()
-            elbo, guide = ((TraceMeanField_ELBO(), posterior_guide) if self.cfg.objective == "vlb"
-                           else (Trace_ELBO(), forward_guide))
-            return elbo.differentiable_loss(markov_model, guide, self.model, x0) / x0.shape[0]
+            # vlb: a site per step for TraceMeanField_ELBO's analytic KLs (T network calls in turn);
+            # trajectory: the chain as one site, the network at all T steps in one call
+            elbo, model, guide = ((TraceMeanField_ELBO(), markov_model, posterior_guide)
+                                  if self.cfg.objective == "vlb"
+                                  else (Trace_ELBO(), chain_model, chain_guide))
+            return elbo.differentiable_loss(model, guide, self.model, x0) / x0.shape[0]
         out = self.loss_fn(self.model, x0, sampler=self.sampler, generator=self.gen)
-        if out.term is not None:
-            self.sampler.update(out.t, out.term)
+        if out.term is not None and self.cfg.sampler != "uniform":  # uniform keeps no statistics
+            self.sampler.update(*gather_steps(out.t, out.term))
         return out.loss.mean()
+
+    def _labels(self, idx: torch.Tensor) -> torch.Tensor:
+        """The batch's labels, each replaced by the null label with probability label_dropout."""
+        y = self.train_y[idx]
+        drop = torch.rand(y.shape, generator=self.gen, device=self.device) < self.cfg.label_dropout
+        return torch.where(drop, torch.full_like(y, self.num_classes), y)
 
     def _lr(self) -> float:
         return self.cfg.lr * min(1.0, (self.step + 1) / max(1, self.cfg.warmup))
@@ -336,46 +503,99 @@ class Trainer:
             for e, p in zip(self.ema.parameters(), self.net.parameters()):
                 e.lerp_(p, 1 - decay)
 
+    def _check_finite(self, since: int, first_ok: torch.Tensor, nonfinite: torch.Tensor,
+                      weights: bool, across_ranks: bool = True) -> None:
+        """Raise ``TrainingError`` if a loss since step ``since`` (or, with ``weights``, a weight)
+        is non-finite on any rank (on this one without ``across_ranks``). ``first_ok`` counts the
+        steps before the first non-finite loss, ``nonfinite`` says whether there was one: both kept
+        on the device, read here only."""
+        first = torch.where(nonfinite, since + first_ok, torch.full_like(first_ok, 2**62))
+        bad_weights = torch.zeros_like(first_ok)
+        if weights:
+            ok = torch.stack([torch.isfinite(p).all() for p in self.net.parameters()]).all()
+            bad_weights = (~ok).long()
+        both = torch.stack([first, -bad_weights])
+        first, bad_weights = (distributed.all_reduce(both, "min") if across_ranks else both).tolist()
+        if first < 2**62 or bad_weights:
+            what = (f"non-finite loss at step {first}" if first < 2**62
+                    else f"non-finite weights by step {self.step}")
+            error = TrainingError(f"{what}; stopped at step {self.step} before saving: the last "
+                                  f"good checkpoint in {self.out} is kept")
+            error.on_every_rank = across_ranks and distributed.world_size() > 1
+            raise error
+
     def train(self, progress: bool = True) -> dict:
-        """Run to ``cfg.iterations`` steps; returns the last logged metrics."""
+        """Run to ``cfg.iterations`` steps; returns the last logged metrics (on every rank).
+
+        Finiteness is checked where the loss is read anyway, at log and checkpoint steps (a check
+        every step would wait for the device every step), and always before a checkpoint is written.
+        """
         from tqdm import tqdm
 
         cfg, n = self.cfg, self.train_x.shape[0]
-        bar = tqdm(total=cfg.iterations, initial=self.step, disable=not progress, desc="train",
-                   dynamic_ncols=True)
-        log = (self.out / "metrics.jsonl").open("a")
+        main = distributed.is_main()
+        bar = tqdm(total=cfg.iterations, initial=self.step, disable=not (progress and main),
+                   desc="train", dynamic_ncols=True)
+        log = (self.out / "metrics.jsonl").open("a") if main else None
         last, t0, done_since = {}, time.perf_counter(), 0
-        loss_sum = torch.zeros((), device=self.device)  # summed on the device: no sync per step
+        # summed on the device: no sync per step
+        loss_sum = torch.zeros((), device=self.device)
+        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        first_ok = torch.zeros((), dtype=torch.long, device=self.device)
+        checked = self.step  # losses before this step are known to be finite
         try:
             while self.step < cfg.iterations:
-                idx = torch.randint(n, (cfg.batch_size,), generator=self.gen, device=self.device)
-                loss = self._loss(self.train_x[idx])
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"non-finite loss ({loss.item()}) at step {self.step}; the last "
-                                        f"good checkpoint in {self.out} is kept")
-                for g in self.opt.param_groups:
-                    g["lr"] = self._lr()
-                self.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
-                self.opt.step()
+                idx = torch.randint(n, (self.local_batch,), generator=self.gen, device=self.device)
+                try:
+                    if self.labelled is not None:
+                        self.labelled.labels = self._labels(idx)
+                    loss = self._loss(self.train_x[idx])
+                    for g in self.opt.param_groups:
+                        g["lr"] = self._lr()
+                    self.opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
+                    self.opt.step()
+                except (ValueError, RuntimeError) as error:
+                    # weights made non-finite by an unchecked step fail the next one (a distribution
+                    # refusing a NaN parameter, a NaN sampling probability): report the cause
+                    try:
+                        self._check_finite(checked, first_ok, nonfinite, weights=True,
+                                           across_ranks=False)
+                    except TrainingError as cause:
+                        raise cause from error
+                    except Exception:  # the check itself failed: the first error says more
+                        pass
+                    raise
                 self._update_ema()
                 self.step += 1
                 done_since += 1
                 loss_sum += loss.detach()
+                nonfinite |= ~torch.isfinite(loss.detach())
+                first_ok += ~nonfinite
                 bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == cfg.iterations:
+                log_now = self.step % cfg.log_every == 0 or self.step == cfg.iterations
+                save_now = self.step % cfg.checkpoint_every == 0 or self.step == cfg.iterations
+                if not (log_now or save_now):
+                    continue
+                self._check_finite(checked, first_ok, nonfinite, weights=save_now)
+                checked = self.step
+                first_ok.zero_()
+                if log_now:
                     elapsed = time.perf_counter() - t0
-                    last = {"step": self.step, "loss": (loss_sum / done_since).item(), "lr": self._lr(),
+                    mean = distributed.all_reduce(loss_sum, "mean") / done_since  # over all ranks
+                    last = {"step": self.step, "loss": mean.item(), "lr": self._lr(),
                             "it_per_s": done_since / elapsed if elapsed > 0 else math.nan}
-                    log.write(json.dumps(last) + "\n")
-                    log.flush()
+                    if log is not None:
+                        log.write(json.dumps(last) + "\n")
+                        log.flush()
                     bar.set_postfix(loss=f"{last['loss']:.4f}")
                     t0, done_since = time.perf_counter(), 0
                     loss_sum.zero_()
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.iterations:
+                if save_now:
                     self.save()
         finally:
-            log.close()
+            if log is not None:
+                log.close()
             bar.close()
         return last

@@ -20,8 +20,9 @@ LAYERS = {
     "markov": {"schedules", "parameterization", "distributions", "elbo"},
     "nets": {"nets"},
     "data": {"data"},
-    "evaluation": {"schedules", "parameterization", "distributions", "elbo"},
+    "evaluation": {"schedules", "parameterization", "distributions", "elbo", "distributed"},
     "metrics": set(),
+    "distributed": set(),  # torch.distributed helpers: torch only
     "figures": {"schedules", "parameterization", "distributions", "sampling"},
 }
 

@@ -18,6 +18,7 @@ from pdiff.distributions.reverse import ReverseProcess
 from pdiff.elbo import (Bound, bits_per_dim, full_bound, prior_term, sample_xt, sampled_bound,
                         step_term, trajectory_bound)
 from pdiff.objectives import ImportanceSampler, UniformSampler
+from pdiff.nets import MLPDenoiser, UNet
 from pdiff.oracle import MixtureDenoiser
 from pdiff.schedules import make_schedule
 from tests.stats import assert_within_stderr
@@ -254,3 +255,81 @@ def test_sampled_and_trajectory_estimators_match_full_bound(name, T, kwargs):
         assert torch.isfinite(d).all(), label
         assert_within_stderr(d.mean(), 0.0, d.std() / math.sqrt(N))
 
+
+
+# -- step_term on whole batches (torch.where) against the masked definition --------------------
+
+def masked_step_term(p, x0, xt, t, out):
+    """The term of step t by its definition, the t = 1 entries and the others selected by boolean
+    masks: the reference for step_term, which computes both on the whole batch instead."""
+    result = x0.new_empty(t.shape)
+    first = t == 1
+    if first.any():
+        result[first] = -p.decoder(xt[first], out=out[first]).log_prob(x0[first])
+    rest = ~first
+    if rest.any():
+        q = q_posterior(p.schedule, x0[rest], xt[rest], t[rest], event_dims=p.event_dims)
+        result[rest] = kl_divergence(q, p.transition(xt[rest], None, out=out[rest]))
+    return result
+
+
+def random_net_model(variance, decoder, T, event_dims=1):
+    torch.manual_seed(5)
+    learned = variance in ("learned", "learned_range", "learned_softplus")
+    if event_dims == 1:
+        net = MLPDenoiser(3, T, hidden=16, depth=2, out_multiplier=2 if learned else 1)
+        torch.nn.init.normal_(net.head.weight, std=0.3)
+    else:
+        net = UNet(1, 4, base_channels=8, channel_mults=(1,), attention_resolutions=(4,),
+                   groups=4, out_multiplier=2 if learned else 1)
+        torch.nn.init.normal_(net.out[-1].weight, std=0.1)
+    return ReverseProcess(net, make_schedule("linear", T), variance=variance, decoder=decoder,
+                          num_levels=17, event_dims=event_dims)
+
+
+@pytest.mark.parametrize("steps", ["mixed", "all_first", "none_first"])
+@pytest.mark.parametrize("decoder", ["gaussian", "discretized"])
+@pytest.mark.parametrize("variance", VARIANCES)
+def test_step_term_equals_the_masked_definition_values_and_gradients(variance, decoder, steps):
+    """Same values and the same (finite) gradients for the network, whatever mix of t = 1 and
+    t >= 2 a batch holds: the discarded branch contributes nothing, not even a NaN."""
+    T, N = 10, 24
+    p = random_net_model(variance, decoder, T)
+    x0 = quantize(torch.rand(N, 3, generator=gen(40)) * 2 - 1, 17)
+    t = {"mixed": torch.arange(N) % T + 1, "all_first": torch.ones(N, dtype=torch.long),
+         "none_first": torch.arange(N) % (T - 1) + 2}[steps]
+    xt, _ = sample_xt(p, x0, t, gen(41))
+    got = step_term(p, x0, xt, t)
+    want = masked_step_term(p, x0, xt, t, p.output(xt, t))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    params = list(p.net.parameters())
+    for a, b in zip(torch.autograd.grad(got.sum(), params), torch.autograd.grad(want.sum(), params)):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_step_term_on_images_equals_the_masked_definition():
+    T, N = 6, 5
+    p = random_net_model("learned_range", "discretized", T, event_dims=3)
+    x0 = quantize(torch.rand(N, 1, 4, 4, generator=gen(42)) * 2 - 1, 17)
+    t = torch.tensor([1, 2, 1, 6, 3])
+    xt, _ = sample_xt(p, x0, t, gen(43))
+    torch.testing.assert_close(step_term(p, x0, xt, t),
+                               masked_step_term(p, x0, xt, t, p.output(xt, t)), rtol=1e-12,
+                               atol=1e-12)
+
+
+def test_full_bound_rows_are_step_terms_at_their_own_draws():
+    """full_bound's chunk loop is the row-major (example, step) order: with one chunk holding
+    everything, its terms are step_term at x_t drawn from the same stream in that order."""
+    T, N, D = 7, 5, 3
+    p = random_net_model("learned_range", "gaussian", T)
+    x0 = torch.randn(N, D, generator=gen(44))
+    bound = full_bound(p, x0, chunk_size=10**6, generator=gen(45))
+    t = torch.arange(1, T + 1).repeat(N)
+    x0_rep = x0.repeat_interleave(T, 0)
+    xt, _ = sample_xt(p, x0_rep, t, gen(45))
+    with torch.no_grad():
+        want = step_term(p, x0_rep, xt, t).reshape(N, T)
+    torch.testing.assert_close(bound.terms, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(bound.prior, prior_term(p, x0), rtol=0, atol=0)

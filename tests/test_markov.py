@@ -158,3 +158,62 @@ def test_svi_trains_the_denoiser(elbo, guide):
     after = full_bound(p, x_test, generator=gen(3)).total
     d = before - after
     assert d.mean() > 5 * d.std() / math.sqrt(len(d)), (before.mean().item(), after.mean().item())
+
+
+# -- the whole chain as one site -------------------------------------------------------------
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_trace_elbo_with_chain_sites_is_the_trajectory_estimator(config, monkeypatch):
+    """chain_model/chain_guide: replayed on one trajectory, Trace_ELBO's loss and its gradient are
+    trajectory_bound's at that trajectory, as with the per-step sites."""
+    T, N = 8, 16
+    p, x0 = process_and_data(config, T, N)
+    guide_trace = poutine.trace(markov.chain_guide).get_trace(p, x0)
+    trajectory = guide_trace.nodes[markov.TRAJECTORY]["value"]
+    assert trajectory.shape == (N, T) + x0.shape[1:]
+    replayed = poutine.replay(markov.chain_guide, trace=guide_trace)
+    loss = Trace_ELBO().differentiable_loss(markov.chain_model, replayed, p, x0)
+    monkeypatch.setattr(pdiff.elbo.ForwardChain, "rsample",
+                        lambda self, sample_shape=torch.Size(), generator=None: trajectory)
+    want = trajectory_bound(p, x0).sum()
+    torch.testing.assert_close(loss, want, rtol=1e-9, atol=0)
+    assert_same_gradients(loss, want, p.net)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_reverse_chain_log_prob_is_the_sum_of_the_model_sites(config):
+    """ReverseChain.log_prob = log p(x_T) + sum_{t>=2} log p_theta(x_{t-1} | x_t), the latent
+    sites of the per-step model at the same values; its samples have the trajectory's shape."""
+    T, N = 8, 6
+    p, x0 = process_and_data(config, T, N)
+    chain = markov.ReverseChain(p, x0)
+    assert chain.batch_shape == (N,) and chain.event_shape == (T,) + x0.shape[1:]
+    pyro.set_rng_seed(4)
+    trajectory = chain.sample()
+    assert trajectory.shape == (N, T) + x0.shape[1:]
+    steps = {f"x_{t}": trajectory[:, t - 1] for t in range(1, T + 1)}
+    tr = poutine.trace(poutine.condition(markov.model, data=steps)).get_trace(p, x0)
+    want = sum(tr.nodes[f"x_{t}"]["fn"].log_prob(steps[f"x_{t}"]) for t in range(1, T + 1))
+    torch.testing.assert_close(chain.log_prob(trajectory), want, rtol=1e-10, atol=1e-10)
+    wide = chain.expand((3, N))
+    assert wide.batch_shape == (3, N)
+    torch.testing.assert_close(wide.log_prob(trajectory.expand((3,) + trajectory.shape))[1],
+                               want, rtol=1e-10, atol=1e-10)
+
+
+def test_svi_trains_through_the_chain_sites():
+    T = 10
+    torch.manual_seed(0)
+    net = MLPDenoiser(1, T, hidden=64, depth=2)
+    p = ReverseProcess(net, make_schedule("cosine", T), prediction="eps", variance="fixed_large")
+    data = mixture1d()
+    x_test = data.sample((2000,), generator=gen(2))
+    before = full_bound(p, x_test, generator=gen(3)).total
+    svi = SVI(markov.chain_model, markov.chain_guide, pyro.optim.Adam({"lr": 3e-3}),
+              loss=Trace_ELBO())
+    batches = gen(4)
+    losses = [svi.step(p, data.sample((128,), generator=batches)) for _ in range(200)]
+    assert all(math.isfinite(v) for v in losses)
+    after = full_bound(p, x_test, generator=gen(3)).total
+    d = before - after
+    assert d.mean() > 5 * d.std() / math.sqrt(len(d)), (before.mean().item(), after.mean().item())

@@ -251,3 +251,51 @@ def test_hybrid_with_a_fixed_variance_trains_exactly_as_simple(variance):
         losses.append(loss.item())
     assert torch.equal(weights[0], weights[1])
     assert losses[0] != losses[1]
+
+
+# -- the samplers' vectorized paths against their definitions --------------------------------
+
+def loop_update(values, counts, t, term, history):
+    """The definition of ImportanceSampler.update, one entry at a time: each step keeps its last
+    ``history`` values, oldest first (the reference the vectorized update must reproduce)."""
+    values, counts = values.clone(), counts.clone()
+    for step, value in zip(t.tolist(), term.double().tolist()):
+        i = step - 1
+        if counts[i] >= history:
+            values[i] = torch.roll(values[i], -1)
+            values[i, -1] = value
+        else:
+            values[i, counts[i]] = value
+            counts[i] += 1
+    return values, counts
+
+
+@pytest.mark.parametrize("num_timesteps,history,batch", [(5, 3, 1), (5, 3, 4), (7, 4, 40),
+                                                         (3, 10, 64), (50, 10, 256)])
+def test_importance_update_matches_the_one_at_a_time_definition(num_timesteps, history, batch):
+    """Batches with repeated steps, several entries of one step in one batch (more than the
+    history holds, so the oldest fall out within the batch), any order, partly filled histories."""
+    sampler = ImportanceSampler(num_timesteps, history=history)
+    values, counts = sampler.values.clone(), sampler.counts.clone()
+    g = gen(20)
+    for _ in range(12):
+        high = int(torch.randint(1, num_timesteps + 1, (), generator=g))  # uneven coverage
+        t = torch.randint(1, high + 1, (batch,), generator=g)
+        term = torch.randn(batch, generator=g)
+        sampler.update(t, term)
+        values, counts = loop_update(values, counts, t, term, history)
+        assert torch.equal(sampler.counts, counts)
+        assert torch.equal(sampler.values, values)
+    clone = ImportanceSampler(num_timesteps, history=history)
+    clone.load_state_dict(sampler.state_dict())
+    torch.testing.assert_close(clone.probs(), sampler.probs(), rtol=0, atol=0)
+
+
+def test_uniform_sampler_draws_every_step_equally_with_weight_one():
+    n, K = 200_000, 7
+    t, w = UniformSampler(K).sample(n, generator=gen(21))
+    assert t.dtype == torch.long and int(t.min()) == 1 and int(t.max()) == K
+    assert torch.equal(w, torch.ones(n))
+    freq = torch.bincount(t - 1, minlength=K).double() / n
+    p = torch.full((K,), 1 / K, dtype=torch.float64)
+    assert_within_stderr(freq, p, (p * (1 - p) / n).sqrt())

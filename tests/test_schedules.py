@@ -276,3 +276,23 @@ def test_at_broadcasts(shape, event_dims):
     value = s.at("alpha_bar", t, like, event_dims)
     assert value.shape == shape + (1,) * event_dims
     assert torch.equal(value.reshape(shape), s.alpha_bar[t])
+
+
+def test_at_gathers_again_when_t_changes():
+    """``at`` keeps its last gather per entry for the same t tensor, and only while t is unchanged:
+    a new tensor, an in-place change or another dtype gathers afresh."""
+    s = make_schedule("linear", 10)
+    like = torch.zeros(3, 2)
+    t = torch.tensor([1, 5, 10])
+    first = s.at("alpha_bar", t, like, 1)
+    assert s.at("alpha_bar", t, like, 1) is first
+    torch.testing.assert_close(first, s.alpha_bar[t][:, None], rtol=0, atol=0)
+    t[0] = 7
+    torch.testing.assert_close(s.at("alpha_bar", t, like, 1), s.alpha_bar[t][:, None], rtol=0, atol=0)
+    other = torch.tensor([2, 2, 2])
+    torch.testing.assert_close(s.at("alpha_bar", other, like, 1), s.alpha_bar[other][:, None])
+    assert s.at("alpha_bar", other, like.float(), 1).dtype == torch.float32
+    assert s.at("alpha_bar", other, like, 2).shape == (3, 1, 1)
+    with torch.inference_mode():
+        frozen = torch.tensor([3, 4, 5])
+        torch.testing.assert_close(s.at("alpha_bar", frozen, like, 1), s.alpha_bar[frozen][:, None])

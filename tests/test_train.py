@@ -62,18 +62,36 @@ def test_corrupt_or_missing_checkpoint(tmp_path):
         load_run(tmp_path)
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+@pytest.mark.parametrize("fails_on_nan_weights", [False, True])
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, fails_on_nan_weights):
+    """The loss is checked at log and checkpoint steps (10, 20, 30), always before saving. Where the
+    NaN weights make the very next step fail (as a validated distribution refuses a NaN parameter),
+    that failure is reported as the non-finite loss instead."""
     trainer = Trainer(tiny(iterations=40, checkpoint_every=10), tmp_path)
     real = trainer._loss
 
     def loss(x0):
+        nan_weights = any(not torch.isfinite(p).all() for p in trainer.net.parameters())
+        if fails_on_nan_weights and nan_weights:
+            raise ValueError("Expected parameter loc to satisfy the constraint Real()")
         value = real(x0)
         return value * math.nan if trainer.step >= 25 else value
 
     trainer._loss = loss
-    with pytest.raises(TrainingError, match="non-finite loss"):
+    stop = 26 if fails_on_nan_weights else 30
+    with pytest.raises(TrainingError, match=f"non-finite loss at step 25; stopped at step {stop} "
+                       "before saving"):
         trainer.train(progress=False)
     assert load_run(tmp_path).step == 20
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [10, 20]
+
+
+def test_other_errors_pass_through(tmp_path):
+    trainer = Trainer(tiny(iterations=40), tmp_path)
+    trainer._loss = lambda x0: (_ for _ in ()).throw(ValueError("a real mistake"))
+    with pytest.raises(ValueError, match="a real mistake"):
+        trainer.train(progress=False)
 
 
 def test_training_lowers_the_bound(tmp_path):
@@ -124,3 +142,47 @@ def test_unwritable_output_directory(tmp_path, capsys):
     assert main(["train", "--data", "mixture1d", "--out", str(blocker / "run")]) == 2
     assert "cannot write" in capsys.readouterr().err
     assert blocker.read_text() == "user data"
+
+
+def test_bf16_runs_the_network_in_bfloat16_and_the_loss_in_full_precision(tmp_path):
+    trainer = Trainer(tiny(precision="bf16", iterations=10), tmp_path)
+    inside, outside = set(), set()
+    for m in trainer.net.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_hook(lambda mod, inp, out: inside.add(out.dtype))
+    trainer.model.net.register_forward_hook(lambda mod, inp, out: outside.add(out.dtype))
+    losses = []
+    real = trainer._loss
+    trainer._loss = lambda x0: (losses.append(real(x0)), losses[-1])[1]
+    last = trainer.train(progress=False)
+    assert inside == {torch.bfloat16} and outside == {torch.float32}
+    assert torch.bfloat16 not in {loss.dtype for loss in losses} and math.isfinite(last["loss"])
+    run = load_run(tmp_path)
+    assert all(p.dtype == torch.float32 for p in run.model.net.parameters())
+
+
+def test_precision_and_compile_options(tmp_path, capsys, monkeypatch):
+    base = ["train", "--data", "mixture1d", "--timesteps", "10", "--iterations", "10", "--batch-size",
+            "16", "--hidden", "16", "--train-size", "200", "--test-size", "100", "--no-progress"]
+    with pytest.raises(SystemExit) as e:
+        main(base + ["--out", str(tmp_path / "x"), "--precision", "fp16"])
+    assert e.value.code == 2 and "invalid choice: 'fp16'" in capsys.readouterr().err
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda net, **kw: compiled.append(net) or net)
+    out = tmp_path / "run"
+    assert main(base + ["--out", str(out), "--compile", "--precision", "bf16"]) == 0
+    assert len(compiled) == 1 and json.loads((out / "config.json").read_text())["compile"] is True
+    # how fast a run trains is not what it trains: a resume may change both
+    assert main(base[:6] + ["20"] + base[7:] + ["--out", str(out), "--resume"]) == 0
+    assert load_run(out).step == 20
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(out), "--samples", "50", "--entropy-samples", "500",
+                 "--metric-samples", "0", "--precision", "bf16", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["eval_precision"] == "bf16" and math.isfinite(r["nll_nats"])
+    assert main(["evaluate", "--data", "clusters8", "--precision", "bf16"]) == 2
+    assert "--precision applies to a trained network" in capsys.readouterr().err
+    monkeypatch.setattr("pdiff.train._compile_supported", lambda: False)
+    assert main(base + ["--out", str(tmp_path / "y"), "--compile"]) == 2
+    assert "--compile needs torch.compile" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()

@@ -169,3 +169,51 @@ def test_image_datasets_get_image_defaults_unless_given():
     assert cfg.batch_size == 8 and cfg.lr == IMAGE_DEFAULTS["lr"]
     toy = _config_from_args(parse(["train", "--data", "moons", "--out", "x"]))
     assert toy == TrainConfig(data="moons")
+
+
+# -- class conditioning and classifier-free guidance --------------------------------------------
+
+@pytest.mark.parametrize("dropout, trained", [(0.0, "classes"), (1.0, "null")])
+def test_label_dropout_decides_which_label_embeddings_train(tmp_path, dropout, trained):
+    """With label_dropout 0 only the ten class rows get gradients, with 1 only the null row."""
+    trainer = Trainer(tiny(class_cond=True, label_dropout=dropout, iterations=4), tmp_path / "run")
+    before = trainer.net.label_embed.weight.detach().clone()
+    trainer.train(progress=False)
+    changed = (trainer.net.label_embed.weight != before).any(-1)
+    assert changed.shape == (11,)
+    if trained == "classes":
+        assert not changed[10] and changed[:10].any()
+    else:
+        assert changed[10] and not changed[:10].any()
+
+
+def test_class_conditional_run_samples_classes_with_guidance(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data", "digits", "--class-cond", "--timesteps", "5", "--iterations", "3",
+                 "--batch-size", "8", "--channels", "8", "--out", str(out), "--no-progress"]) == 0
+    run = load_run(out)
+    assert run.model.net.num_classes == 10
+    report = evaluate_run(run, samples=6, seed=0)  # the null label: the model's p(x)
+    assert math.isfinite(report["bits_per_dim"])
+    png = tmp_path / "s.png"
+    assert main(["sample", "--checkpoint", str(out), "--num", "10", "--out", str(png), "--label", "all",
+                 "--guidance", "2"]) == 0
+    assert Image.open(png).size[0] > 8
+    capsys.readouterr()
+    npy = tmp_path / "s.npy"
+    for args, message in [(["--label", "10"], "0..9"), (["--label", "x"], "0..9"),
+                          (["--guidance", "1"], "needs --label"),
+                          (["--label", "1", "--guidance", "-1"], ">= 0")]:
+        assert main(["sample", "--checkpoint", str(out), "--num", "2", "--out", str(npy), *args]) == 2
+        assert message in capsys.readouterr().err
+    assert not npy.exists()
+
+
+def test_labels_on_an_unconditional_run_or_toy_data_are_refused(digits_run, tmp_path, capsys):
+    assert main(["sample", "--checkpoint", str(digits_run), "--num", "2", "--out",
+                 str(tmp_path / "s.png"), "--label", "1"]) == 2
+    assert "not class-conditional" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="vector data"):
+        TrainConfig(data="mixture1d", class_cond=True).validate()
+    with pytest.raises(ValueError, match=r"label_dropout must be in \[0, 1\]"):
+        tiny(class_cond=True, label_dropout=1.5).validate()

@@ -7,8 +7,9 @@ and ``kl_divergence`` come out per example.
 """
 from __future__ import annotations
 
+import pyro.distributions as dist
 import torch
-from torch.distributions import Distribution, constraints
+from torch.distributions import constraints
 
 from ..parameterization import posterior_mean
 from ..schedules import NoiseSchedule
@@ -48,7 +49,7 @@ def q_posterior(schedule: NoiseSchedule, x0: torch.Tensor, xt: torch.Tensor, t, 
     return diag_normal(posterior_mean(schedule, x0, xt, t, event_dims), var, event_dims=event_dims)
 
 
-class ForwardChain(Distribution):
+class ForwardChain(dist.TorchDistribution):
     r"""The whole forward chain q(x_{1:T} | x_0) = prod_{t=1}^T q(x_t | x_{t-1}) (eq. 2).
 
     A value is a trajectory of shape ``batch_shape + (T,) + event_shape`` whose index ``t - 1`` along
@@ -73,17 +74,18 @@ class ForwardChain(Distribution):
         return ForwardChain(self.schedule, x0, event_dims=self.event_dims)
 
     def rsample(self, sample_shape=torch.Size(), generator: torch.Generator | None = None):
-        """Iterate x_t = sqrt(alpha_t) x_{t-1} + sqrt(beta_t) eps_t for t = 1..T."""
+        """The recursion x_t = sqrt(alpha_t) x_{t-1} + sqrt(beta_t) eps_t (t = 1..T) unrolled:
+        x_t = sqrt(alpha_bar_t) (x_0 + sum_{s<=t} sqrt(beta_s / alpha_bar_s) eps_s), one cumulative
+        sum over t (accumulated in float64) instead of a loop. The T noise draws come time-major."""
         shape = torch.Size(sample_shape) + self.x0.shape
-        x = self.x0.expand(shape)
-        alphas = self.schedule.tensor("alphas", self.x0.device, self.x0.dtype)
-        steps = []
-        for t in range(1, self.schedule.num_timesteps + 1):
-            eps = torch.randn(shape, dtype=x.dtype, device=x.device, generator=generator)
-            x = alphas[t].sqrt() * x + (1 - alphas[t]).sqrt() * eps
-            steps.append(x)
-        time_axis = len(shape) - self.event_dims
-        return torch.stack(steps, dim=time_axis)
+        T, device = self.schedule.num_timesteps, self.x0.device
+        eps = torch.randn((T,) + shape, dtype=self.x0.dtype, device=device, generator=generator)
+        alpha_bar = self.schedule.tensor("alpha_bar", device, torch.float64)[1:]
+        betas = self.schedule.tensor("betas", device, torch.float64)[1:]
+        along_t = (T,) + (1,) * len(shape)
+        total = torch.cumsum(eps.double() * (betas / alpha_bar).sqrt().reshape(along_t), 0)
+        x = ((total + self.x0.double()) * alpha_bar.sqrt().reshape(along_t)).to(self.x0.dtype)
+        return x.movedim(0, len(shape) - self.event_dims).contiguous()  # time axis before the event
 
     def sample(self, sample_shape=torch.Size(), generator: torch.Generator | None = None):
         with torch.no_grad():

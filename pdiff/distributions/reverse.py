@@ -22,7 +22,6 @@ as a U-Net with 2C output channels does.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
@@ -47,23 +46,60 @@ def _check(name: str, value: str, valid: tuple[str, ...]) -> str:
     return value
 
 
-@dataclass
 class ReverseOutput:
-    """What p_theta says at (x_t, t), every field with the shape of x_t.
+    """What p_theta says at (x_t, t), every tensor with the shape of x_t.
 
     ``prediction`` is the network's raw mean output (eps, x_0 or the mean, by parameterization);
     ``x0`` and ``eps`` are the implied predictions; ``mean`` is mu_theta(x_t, t) and
-    ``log_variance`` is log sigma_t^2.
+    ``log_variance`` is log sigma_t^2. Those four are derived on first use, so a loss that needs
+    only the prediction (L_simple) costs the network and nothing more. Indexing selects examples.
     """
 
-    prediction: torch.Tensor
-    x0: torch.Tensor
-    eps: torch.Tensor
-    mean: torch.Tensor
-    log_variance: torch.Tensor
+    def __init__(self, model: "ReverseProcess", xt: torch.Tensor, t: torch.Tensor,
+                 prediction: torch.Tensor, variance_output: torch.Tensor | None):
+        self.model, self.xt, self.t = model, xt, t
+        self.prediction, self.variance_output = prediction, variance_output
+        self._x0 = self._mean = self._eps = self._log_variance = None  # derived on first use
 
     def __getitem__(self, index) -> "ReverseOutput":
-        return ReverseOutput(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+        v = self.variance_output
+        return ReverseOutput(self.model, self.xt[index], self.t[index], self.prediction[index],
+                             None if v is None else v[index])
+
+    @property
+    def x0(self) -> torch.Tensor:
+        if self._x0 is None:
+            m, s, d = self.model, self.model.schedule, self.model.event_dims
+            if m.prediction == "mean":
+                x0 = x0_from_posterior_mean(s, self.mean, self.xt, self.t, d)
+            else:
+                x0 = (self.prediction if m.prediction == "x0"
+                      else x0_from_eps(s, self.xt, self.t, self.prediction, d))
+                x0 = x0 if m.clip_x0 is None else x0.clamp(-m.clip_x0, m.clip_x0)
+            self._x0 = x0
+        return self._x0
+
+    @property
+    def mean(self) -> torch.Tensor:
+        if self._mean is None:
+            m = self.model
+            self._mean = (self.prediction if m.prediction == "mean"
+                          else posterior_mean(m.schedule, self.x0, self.xt, self.t, m.event_dims))
+        return self._mean
+
+    @property
+    def eps(self) -> torch.Tensor:
+        if self._eps is None:
+            m = self.model
+            self._eps = (self.prediction if m.prediction == "eps" and m.clip_x0 is None
+                         else eps_from_x0(m.schedule, self.xt, self.t, self.x0, m.event_dims))
+        return self._eps
+
+    @property
+    def log_variance(self) -> torch.Tensor:
+        if self._log_variance is None:
+            self._log_variance = self.model._log_variance(self.variance_output, self.xt, self.t)
+        return self._log_variance
 
 
 class ReverseProcess:
@@ -101,7 +137,10 @@ class ReverseProcess:
                              else torch.as_tensor(timestep_map, dtype=torch.long))
         if self.timestep_map.shape != (T + 1,):
             raise ValueError(f"timestep_map must have length T + 1 = {T + 1}")
+        # the identity map (an unrespaced chain) is skipped: no gather per network call
+        self._maps = {} if not torch.equal(self.timestep_map, torch.arange(T + 1)) else None
         self._fixed_log_variance = self._fixed_table() if variance in FIXED_VARIANCES else None
+        self._fixed_cache: dict = {}
 
     @property
     def num_timesteps(self) -> int:
@@ -159,34 +198,36 @@ class ReverseProcess:
         return out.chunk(2, dim=dim)
 
     def output(self, xt: torch.Tensor, t: torch.Tensor) -> ReverseOutput:
-        """Evaluate the network at (x_t, t) and derive x_0, eps, mu_theta and log sigma_t^2."""
-        s, d = self.schedule, self.event_dims
-        t = s.check_t(t).to(xt.device).expand(xt.shape[: xt.dim() - d])
-        raw = self.net(xt, self.timestep_map.to(xt.device)[t])
+        """Evaluate the network at (x_t, t); x_0, eps, mu_theta and log sigma_t^2 follow from it."""
+        t = self.schedule.check_t(t).to(xt.device).expand(xt.shape[: xt.dim() - self.event_dims])
+        return self._output(xt, t)
+
+    def _output(self, xt: torch.Tensor, t: torch.Tensor) -> ReverseOutput:
+        """``output`` for steps ``t`` already checked, a long tensor of x_t's batch shape."""
+        raw = self.net(xt, t if self._maps is None else self._network_steps(t))
         pred, var_out = self._split(raw)
         if pred.shape != xt.shape:
             raise ValueError(f"the network's mean output has shape {tuple(pred.shape)}, expected "
                              f"{tuple(xt.shape)} (the shape of x_t)")
-        if self.prediction == "mean":
-            mean = pred
-            x0 = x0_from_posterior_mean(s, mean, xt, t, d)
-        else:
-            x0 = pred if self.prediction == "x0" else x0_from_eps(s, xt, t, pred, d)
-            if self.clip_x0 is not None:
-                x0 = x0.clamp(-self.clip_x0, self.clip_x0)
-            mean = posterior_mean(s, x0, xt, t, d)
-        eps = pred if self.prediction == "eps" and self.clip_x0 is None else eps_from_x0(s, xt, t, x0, d)
-        return ReverseOutput(prediction=pred, x0=x0, eps=eps, mean=mean,
-                             log_variance=self._log_variance(var_out, xt, t))
+        if var_out is not None and var_out.shape != xt.shape:
+            raise ValueError(f"the network's variance output has shape {tuple(var_out.shape)}, "
+                             f"expected {tuple(xt.shape)}")
+        return ReverseOutput(self, xt, t, pred, var_out)
+
+    def _network_steps(self, t: torch.Tensor) -> torch.Tensor:
+        """The network's steps for a respaced chain: ``timestep_map[t]`` (the map kept per device)."""
+        if t.device not in self._maps:
+            self._maps[t.device] = self.timestep_map.to(t.device)
+        return self._maps[t.device][t]
 
     def _log_variance(self, var_out, xt, t) -> torch.Tensor:
         s, d = self.schedule, self.event_dims
         if self.variance in FIXED_VARIANCES:
-            table = self._fixed_log_variance.to(device=xt.device, dtype=xt.dtype)
-            return table[t].reshape(t.shape + (1,) * d).expand_as(xt)
-        if var_out.shape != xt.shape:
-            raise ValueError(f"the network's variance output has shape {tuple(var_out.shape)}, "
-                             f"expected {tuple(xt.shape)}")
+            key = (xt.device, xt.dtype)
+            if key not in self._fixed_cache:
+                self._fixed_cache[key] = self._fixed_log_variance.to(device=xt.device, dtype=xt.dtype)
+            table = self._fixed_cache[key]
+            return table.index_select(0, t.reshape(-1)).reshape(t.shape + (1,) * d).expand_as(xt)
         if self.variance == "learned":
             return var_out
         if self.variance == "learned_range":
@@ -201,24 +242,30 @@ class ReverseProcess:
         return standard_normal(like, self.event_dims)
 
     def transition(self, xt: torch.Tensor, t, *, out: ReverseOutput | None = None,
-                   detach_mean: bool = False):
+                   detach_mean: bool = False, validate_args: bool | None = None):
         """p_theta(x_{t-1} | x_t) = N(mu_theta(x_t, t), sigma_t^2 I), a Gaussian for every t = 1..T.
 
         ``out`` reuses a network evaluation; ``detach_mean`` stops gradients through mu_theta (the
-        hybrid objective trains only the variance through the bound).
+        hybrid objective trains only the variance through the bound); ``validate_args`` as in
+        ``torch.distributions`` (the bound's hot paths pass False: sigma_t = exp(...) > 0 always).
         """
         out = self.output(xt, t) if out is None else out
         mean = out.mean.detach() if detach_mean else out.mean
-        return diag_normal(mean, log_variance=out.log_variance, event_dims=self.event_dims)
+        return diag_normal(mean, log_variance=out.log_variance, event_dims=self.event_dims,
+                           validate_args=validate_args)
 
     def decoder(self, x1: torch.Tensor, *, out: ReverseOutput | None = None,
-                detach_mean: bool = False):
-        """p_theta(x_0 | x_1): the Gaussian transition at t = 1, or its discretization to K levels."""
+                detach_mean: bool = False, validate_args: bool | None = None):
+        """p_theta(x_0 | x_1): the Gaussian transition at t = 1, or its discretization to K levels.
+
+        ``validate_args`` applies to the Gaussian; the discretized decoder always checks that x_0
+        lies on its K levels (the data's own grid), as torch's default does."""
         if out is None:
             t = torch.ones(x1.shape[: x1.dim() - self.event_dims], dtype=torch.long, device=x1.device)
             out = self.output(x1, t)
         if self.decoder_type == "gaussian":
-            return self.transition(x1, None, out=out, detach_mean=detach_mean)
+            return self.transition(x1, None, out=out, detach_mean=detach_mean,
+                                   validate_args=validate_args)
         mean = out.mean.detach() if detach_mean else out.mean
         scale = torch.exp(0.5 * out.log_variance)
         return DiscretizedGaussian(mean, scale, self.num_levels).to_event(self.event_dims)

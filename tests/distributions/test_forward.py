@@ -1,9 +1,8 @@
 """The forward process q: closed form against iteration, the posterior against Bayes' rule, shapes."""
 import pytest
 import torch
-from torch.distributions import Independent, Normal
 
-from pdiff.distributions import ForwardChain, q_marginal, q_posterior, q_step
+from pdiff.distributions import DiagNormal, ForwardChain, q_marginal, q_posterior, q_step
 from pdiff.schedules import SCHEDULES, make_schedule
 from tests.stats import assert_within_stderr
 
@@ -120,7 +119,7 @@ def test_step_parameters():
     q = q_step(s, x, t)
     torch.testing.assert_close(q.mean, (1 - s.betas[t])[:, None].sqrt() * x)
     torch.testing.assert_close(q.variance, s.betas[t][:, None].expand(4, 3))
-    assert isinstance(q, Independent) and isinstance(q.base_dist, Normal)
+    assert isinstance(q, DiagNormal) and q.batch_shape == (4,) and q.event_shape == (3,)
 
 
 # -- the whole chain ------------------------------------------------------------------------------
@@ -215,3 +214,24 @@ def test_chain_validates_trajectory_shape():
     chain = ForwardChain(s, torch.zeros(3, 2))
     with pytest.raises(ValueError):
         chain.log_prob(torch.zeros(3, 5, 2))
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_chain_rsample_is_the_recursion_on_its_noise(name, shape):
+    """rsample unrolls x_t = sqrt(alpha_t) x_{t-1} + sqrt(beta_t) eps_t into one cumulative sum;
+    on the same noise (drawn time-major, T x shape) it is the recursion, and it is differentiable
+    in x_0 with d x_t / d x_0 = sqrt(alpha_bar_t)."""
+    s, T = make_schedule(name, 50), 50
+    x0 = torch.randn(shape + (3,), requires_grad=True)
+    traj = ForwardChain(s, x0).rsample(generator=torch.Generator().manual_seed(3))
+    eps = torch.randn((T,) + x0.shape, generator=torch.Generator().manual_seed(3))
+    x, steps = x0, []
+    for t in range(1, T + 1):
+        x = s.alphas[t].sqrt() * x + s.betas[t].sqrt() * eps[t - 1]
+        steps.append(x)
+    want = torch.stack(steps, dim=len(shape))
+    assert traj.shape == want.shape == shape + (T, 3)
+    torch.testing.assert_close(traj, want, rtol=0, atol=1e-12)
+    grad, = torch.autograd.grad(traj.select(len(shape), T - 1).sum(), x0)
+    torch.testing.assert_close(grad, s.alpha_bar[T].sqrt().expand_as(x0), rtol=1e-12, atol=0)

@@ -1,0 +1,718 @@
+r"""Benchmarks: the full bound and training, each timed against a baseline in the same run.
+
+    python -m pdiff.bench                    # every section; writes docs/benchmarks.md and JSON
+    python -m pdiff.bench --quick --out-json /tmp/b.json --out-md /tmp/b.md   # tiny settings
+
+Machines here are shared and noisy, so every figure is a ratio to a baseline measured in the same
+process: the two are run alternately (one warm-up call each, then ``repeats`` calls each, the order
+reversed every other round) and the ratio is the median of the per-round ratios. Sections:
+
+  full_bound  ``elbo.full_bound`` over N x T (example, step) pairs against the bare network's
+              forward passes on as many (x_t, t) pairs in chunks of the same size (target 1.2x).
+  training    ``Trainer`` iterations (torch engine; logging and checkpoints at their default
+              intervals) against a hand-written loop doing the same arithmetic with the same
+              network and batch (target: 5% overhead).
+  pyro        the Pyro engine against the torch computation of the same estimator (target 1.5x).
+  growth      the full bound's cost as T, N and the data dimension D grow.
+  cuda        on a CUDA device: an MNIST-sized U-Net's training images/s and full-bound time,
+              eager fp32 against bf16 autocast + ``torch.compile``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .distributions.discretized import log_diff_ndtr, quantize
+from .distributions.forward import ForwardChain
+from .elbo import _step_term, full_bound, prior_term
+from .nets import UNet, unet_for
+from .objectives import hybrid_loss, make_sampler
+from .schedules import make_schedule
+from .train import TrainConfig, Trainer, build_model, build_net
+
+SECTIONS = ("full_bound", "training", "pyro", "growth", "cuda")
+TARGETS = {"full_bound": 1.2, "training": 1.05, "pyro": 1.5}
+HYBRID_WEIGHT = 0.001  # lambda of the hybrid objective (objectives.hybrid_loss's default)
+TOY = "8gaussians"  # the 2D toy the MLP cases train on
+F32 = torch.float32  # what Trainer trains in, whatever the default dtype
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Sizes of every measurement (``QUICK`` for the smoke test)."""
+
+    repeats: int = 7
+    timesteps: int = 1000
+    mlp_examples: int = 64  # N of the MLP's full bound: N x T pairs
+    unet_examples: int = 2
+    batch: int = 256  # the toy MLP's default batch
+    unet_batch: int = 64  # the image default batch
+    segment: int = 50  # Trainer iterations per timed call: one log line each, as by default
+    unet_segment: int = 5
+    trajectory_segment: int = 2
+    pyro_batch: int = 16
+    pyro_segment: int = 2
+    growth_timesteps: tuple[int, ...] = (100, 250, 500, 1000, 2000, 4000)
+    growth_examples: tuple[int, ...] = (1, 4, 16, 64, 256)
+    growth_dims: tuple[int, ...] = (1, 2, 8, 32, 64)
+    growth_n: int = 16
+    growth_repeats: int = 3
+    cuda_batch: int = 128
+    cuda_examples: int = 8
+    cuda_repeats: int = 10
+
+
+QUICK = Settings(repeats=1, timesteps=20, mlp_examples=4, unet_examples=1, batch=16, unet_batch=2,
+                 segment=2, unet_segment=1, trajectory_segment=1, pyro_batch=2, pyro_segment=1,
+                 growth_timesteps=(10, 20), growth_examples=(1, 2), growth_dims=(1, 2),
+                 growth_n=2, growth_repeats=1, cuda_batch=4, cuda_examples=1, cuda_repeats=2)
+
+
+# -- timing ------------------------------------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleave(calls: dict[str, Callable[[], float | None]], repeats: int,
+               device: torch.device) -> dict[str, list[float]]:
+    """Seconds per call of each function, run alternately after one warm-up call each. A call may
+    return seconds of its own to leave out (time spent writing a checkpoint, say)."""
+    for fn in calls.values():
+        fn()
+    names, times = list(calls), {name: [] for name in calls}
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            _sync(device)
+            start = time.perf_counter()
+            excluded = calls[name]()
+            _sync(device)
+            excluded = excluded if isinstance(excluded, float) else 0.0
+            times[name].append(time.perf_counter() - start - excluded)
+    return times
+
+
+def versus(times: dict[str, list[float]], name: str, baseline: str, per: int = 1) -> dict:
+    """``name`` against ``baseline``: median seconds (per ``per`` units) and the median of the
+    per-round ratios, with their range."""
+    ratios = sorted(a / b for a, b in zip(times[name], times[baseline]))
+    return {"seconds": statistics.median(times[name]) / per,
+            "baseline_seconds": statistics.median(times[baseline]) / per,
+            "ratio": statistics.median(ratios), "ratio_range": [ratios[0], ratios[-1]],
+            "repeats": len(ratios)}
+
+
+def _judge(result: dict, target: float) -> dict:
+    return {**result, "target": target, "met": result["ratio"] <= target}
+
+
+# -- a: the full bound against the bare network --------------------------------------------------
+
+def _mlp_model(timesteps: int, dim: int = 2, device="cpu"):
+    cfg = TrainConfig(data=TOY, timesteps=timesteps)
+    net = build_net(cfg, (dim,)).to(device, F32).eval()
+    return build_model(cfg, net), torch.zeros(1, dim, device=device, dtype=F32)
+
+
+def _unet_model(timesteps: int, device="cpu"):
+    cfg = TrainConfig.for_data("digits", timesteps=timesteps)
+    net = build_net(cfg, (1, 8, 8)).to(device, F32).eval()
+    like = torch.zeros(1, 1, 8, 8, device=device, dtype=F32)
+    return build_model(cfg, net, num_levels=17), like
+
+
+def full_bound_vs_bare(model, like: torch.Tensor, n: int, *, repeats: int, device,
+                       chunk_size: int = 16384) -> dict:
+    """Time ``full_bound`` on ``n`` examples and the network alone on as many (x_t, t) pairs."""
+    T, shape = model.num_timesteps, (n,) + like.shape[1:]
+    gen = torch.Generator(device=device).manual_seed(0)
+    x0 = torch.rand(shape, generator=gen, device=device, dtype=F32) * 2 - 1
+    if model.decoder_type == "discretized":
+        x0 = quantize(x0, model.num_levels)
+    pairs = n * T
+    xt = torch.randn((pairs,) + like.shape[1:], generator=gen, device=device, dtype=F32)
+    t = torch.arange(pairs, device=device) % T + 1
+
+    def bare():
+        with torch.no_grad():
+            for start in range(0, pairs, chunk_size):
+                model.net(xt[start:start + chunk_size], t[start:start + chunk_size])
+
+    calls = {"full_bound": lambda: full_bound(model, x0, chunk_size=chunk_size, generator=gen),
+             "bare_network": bare}
+    result = versus(interleave(calls, repeats, device), "full_bound", "bare_network")
+    return {**result, "N": n, "T": T, "pairs": pairs, "chunk_size": chunk_size,
+            "dims": math.prod(like.shape[1:]),
+            "us_per_pair": 1e6 * result["seconds"] / pairs}
+
+
+def bench_full_bound(s: Settings, device) -> list[dict]:
+    T = s.timesteps
+    cases = [("MLP 3x128, 2D toy", _mlp_model(T, device=device), s.mlp_examples),
+             ("U-Net, 8x8 digits", _unet_model(T, device=device), s.unet_examples)]
+    out = []
+    for name, (model, like), n in cases:
+        out.append(_judge({"case": name, **full_bound_vs_bare(model, like, n, repeats=s.repeats,
+                                                             device=device)},
+                          TARGETS["full_bound"]))
+    return out
+
+
+# -- b: training against a hand-written loop ------------------------------------------------------
+
+class HandLoop:
+    """The arithmetic of a ``Trainer`` iteration written directly in torch for eps prediction and
+    the learned_range variance (the defaults): draw indices, t, eps; x_t; the network; the loss of
+    the objective; backward, gradient clipping, AdamW with the warm-up learning rate, EMA.
+
+    Schedule tables are float32 columns gathered by t; both bound branches are computed for the
+    whole batch and ``torch.where`` picks the decoder term at t = 1, as improved-diffusion does.
+    """
+
+    def __init__(self, cfg: TrainConfig, net: torch.nn.Module, data: torch.Tensor,
+                 num_levels: int | None, device):
+        self.cfg, self.net, self.data = cfg, net, data
+        self.ema = copy.deepcopy(net).requires_grad_(False)
+        self.opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+        self.num_levels, self.step, self.device = num_levels, 0, device
+        s = make_schedule(cfg.schedule, cfg.timesteps)
+        col = lambda v: v.to(device=device, dtype=data.dtype)  # noqa: E731
+        ab = s.alpha_bar
+        self.T, self.D = s.num_timesteps, math.prod(data.shape[1:])
+        self.sqrt_ab, self.sqrt_1m_ab = col(ab.sqrt()), col((1 - ab).sqrt())
+        self.c0, self.ct = col(s.posterior_coef_x0), col(s.posterior_coef_xt)
+        self.log_beta, self.log_bt = col(s.log_beta), col(s.log_beta_tilde_clipped)
+        self.sqrt_alpha = col(s.alphas.sqrt())
+        self.ab64, self.beta64 = ab[1:].to(device), s.betas[1:].to(device)  # float64, for the chain
+        self.ab_T = float(ab[-1])
+
+    def _col(self, table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return table[t].reshape(t.shape + (1,) * (self.data.dim() - 1))
+
+    def _gaussian_log_prob(self, x, mean, log_var):
+        d = x - mean
+        return (-0.5 * (d * d * torch.exp(-log_var) + log_var + math.log(2 * math.pi))).flatten(
+            x.dim() - self.data.dim() + 1).sum(-1)
+
+    def _decoder_log_prob(self, x0, mean, log_var):
+        if self.num_levels is None:
+            return self._gaussian_log_prob(x0, mean, log_var)
+        h, inv_std = 1.0 / (self.num_levels - 1), torch.exp(-0.5 * log_var)
+        upper = torch.where(x0 > 1 - h, math.inf, (x0 + h - mean) * inv_std)
+        lower = torch.where(x0 < -1 + h, -math.inf, (x0 - h - mean) * inv_std)
+        return log_diff_ndtr(lower, upper).flatten(1).sum(-1)
+
+    def _mean_and_log_var(self, xt, t, out, detach_mean):
+        eps_hat, v = out.chunk(2, dim=xt.dim() - self.data.dim() + 1)
+        a, b = self._col(self.sqrt_ab, t), self._col(self.sqrt_1m_ab, t)
+        x0_hat = (xt - b * (eps_hat.detach() if detach_mean else eps_hat)) / a
+        mean = self._col(self.c0, t) * x0_hat + self._col(self.ct, t) * xt
+        frac = (v + 1) / 2
+        log_var = frac * self._col(self.log_beta, t) + (1 - frac) * self._col(self.log_bt, t)
+        return eps_hat, mean, log_var
+
+    def _step_term(self, x0, xt, t, mean, log_var):
+        mu_q = self._col(self.c0, t) * x0 + self._col(self.ct, t) * xt
+        lq = self._col(self.log_bt, t.clamp(min=2))
+        d = mu_q - mean
+        kl = 0.5 * ((torch.exp(lq) + d * d) * torch.exp(-log_var) + log_var - lq - 1)
+        kl = kl.flatten(1).sum(-1)
+        return torch.where(t == 1, -self._decoder_log_prob(x0, mean, log_var), kl)
+
+    def loss(self, x0: torch.Tensor) -> torch.Tensor:
+        objective, T, B = self.cfg.objective, self.T, x0.shape[0]
+        if objective == "trajectory":
+            return self._trajectory(x0)
+        t = torch.randint(1, T + 1, (B,), generator=self.gen, device=self.device)
+        eps = torch.randn(x0.shape, generator=self.gen, device=self.device, dtype=x0.dtype)
+        xt = self._col(self.sqrt_ab, t) * x0 + self._col(self.sqrt_1m_ab, t) * eps
+        eps_hat, mean, log_var = self._mean_and_log_var(xt, t, self.net(xt, t),
+                                                        objective == "hybrid")
+        if objective == "simple":
+            return ((eps_hat - eps) ** 2).flatten(1).mean(-1).mean()
+        term = self._step_term(x0, xt, t, mean, log_var)
+        if objective == "hybrid":
+            simple = ((eps_hat - eps) ** 2).flatten(1).mean(-1)
+            return (simple + (HYBRID_WEIGHT * T / (self.D * math.log(2))) * term).mean()
+        prior = 0.5 * (self.ab_T * x0 * x0 - self.ab_T - math.log(1 - self.ab_T)).flatten(1).sum(-1)
+        return (prior + T * term).mean()
+
+    def _trajectory(self, x0):
+        """-log p(x_{0:T}) + log q(x_{1:T} | x_0) at one forward trajectory, all T steps at once."""
+        T, B = self.T, x0.shape[0]
+        eps = torch.randn((T,) + x0.shape, generator=self.gen, device=self.device, dtype=x0.dtype)
+        steps = torch.arange(1, T + 1, device=self.device)
+        along = (T,) + (1,) * x0.dim()
+        ab, beta = self.ab64.reshape(along), self.beta64.reshape(along)
+        traj = ((torch.cumsum(eps.double() * (beta / ab).sqrt(), 0) + x0.double()) * ab.sqrt())
+        traj = traj.to(x0.dtype).movedim(0, 1).contiguous()  # (B, T) + event
+        t = steps.expand(B, T)
+        out = self.net(traj, t)
+        _, mean, log_var = self._mean_and_log_var(traj, t, out, False)
+        x_T = traj[:, -1]
+        log_p = -0.5 * (x_T * x_T + math.log(2 * math.pi)).flatten(1).sum(-1)
+        log_p = log_p + self._gaussian_log_prob(traj[:, :-1], mean[:, 1:], log_var[:, 1:]).sum(-1)
+        log_p = log_p + self._decoder_log_prob(x0, mean[:, 0], log_var[:, 0])
+        prev = torch.cat([x0.unsqueeze(1), traj[:, :-1]], 1)
+        q_mean = self._col(self.sqrt_alpha, t) * prev
+        log_q = self._gaussian_log_prob(traj, q_mean, self._col(self.log_beta, t))
+        return (log_q.sum(-1) - log_p).mean()
+
+    def run(self, iterations: int) -> None:
+        cfg = self.cfg
+        for _ in range(iterations):
+            idx = torch.randint(self.data.shape[0], (cfg.batch_size,), generator=self.gen,
+                                device=self.device)
+            loss = self.loss(self.data[idx])
+            for group in self.opt.param_groups:
+                group["lr"] = cfg.lr * min(1.0, (self.step + 1) / max(1, cfg.warmup))
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
+            self.opt.step()
+            decay = min(cfg.ema_decay, (1 + self.step) / (10 + self.step))
+            with torch.no_grad():
+                for e, p in zip(self.ema.parameters(), self.net.parameters()):
+                    e.lerp_(p, 1 - decay)
+            self.step += 1
+
+
+class TrainerSegments:
+    """Runs a ``Trainer`` ``k`` iterations per call, with logging at its default interval; the time
+    of the checkpoint written at the end of each call is returned (left out of the timing) and
+    added back amortized over ``checkpoint_every``, the default interval."""
+
+    def __init__(self, trainer: Trainer, k: int):
+        self.trainer, self.k, self.saves = trainer, k, []
+        real_save = trainer.save
+
+        def timed_save():
+            start = time.perf_counter()
+            real_save()
+            self.saves.append(time.perf_counter() - start)
+        trainer.save = timed_save
+
+    def __call__(self) -> float:
+        before = len(self.saves)
+        self.trainer.cfg.iterations = self.trainer.step + self.k
+        self.trainer.train(progress=False)
+        return sum(self.saves[before:])
+
+    @property
+    def amortized_save(self) -> float:
+        return statistics.median(self.saves) / self.trainer.cfg.checkpoint_every
+
+
+def _trainer(cfg: TrainConfig, root: Path, name: str) -> Trainer:
+    return Trainer(cfg, root / name)
+
+
+def trainer_vs(cfg: TrainConfig, root: Path, name: str, k: int, baseline: Callable[[], None],
+               *, repeats: int, device, trainer: Trainer | None = None) -> dict:
+    """Trainer iterations (``k`` per call) against ``baseline`` (``k`` iterations per call)."""
+    trainer = trainer or _trainer(cfg, root, name)
+    segments = TrainerSegments(trainer, k)
+    times = interleave({"trainer": segments, "baseline": baseline}, repeats, device)
+    for name, runner in (("trainer", segments), ("baseline", baseline)):
+        if isinstance(runner, TrainerSegments):
+            times[name] = [x + k * runner.amortized_save for x in times[name]]
+    result = versus(times, "trainer", "baseline", per=k)
+    return {**result, "checkpoint_seconds": statistics.median(segments.saves),
+            "checkpoint_every": cfg.checkpoint_every, "batch": cfg.batch_size,
+            "T": cfg.timesteps, "iterations_per_call": k}
+
+
+def bench_training(s: Settings, device, root: Path) -> list[dict]:
+    common = dict(timesteps=s.timesteps, iterations=10**9, train_size=20_000, test_size=100,
+                  device=str(device))
+    cases = [("MLP 3x128, 2D toy", TOY, obj, s.batch,
+              s.trajectory_segment if obj == "trajectory" else s.segment)
+             for obj in ("simple", "vlb", "hybrid", "trajectory")]
+    cases += [("U-Net, 8x8 digits", "digits", obj, s.unet_batch, s.unet_segment)
+              for obj in ("simple", "hybrid")]
+    out = []
+    for case, data, objective, batch, k in cases:
+        cfg = TrainConfig.for_data(data, objective=objective, batch_size=batch, **common)
+        trainer = _trainer(cfg, root, f"{data}-{objective}")
+        net = build_net(cfg, trainer.event_shape).to(device, F32)
+        net.load_state_dict(trainer.net.state_dict())
+        hand = HandLoop(replace(cfg), net, trainer.train_x, trainer.num_levels, device)  # a copy:
+        # TrainerSegments moves the trainer's cfg.iterations
+        result = trainer_vs(cfg, root, case, k, lambda: hand.run(k), repeats=s.repeats,
+                            device=device, trainer=trainer)
+        out.append(_judge({"case": case, "objective": objective, **result}, TARGETS["training"]))
+    return out
+
+
+# -- c: the Pyro engine against torch ------------------------------------------------------------
+
+def chain_mean_field_bound(model, x0: torch.Tensor) -> torch.Tensor:
+    """The estimator TraceMeanField_ELBO computes with ``markov.posterior_guide``, in torch:
+    L_T + sum_t (the term of step t) at ONE trajectory x_{1:T} ~ q(x_{1:T} | x_0) (drawn forward:
+    the same joint as the posterior guide's), the network at all T steps in one batch."""
+    d, T = model.event_dims, model.num_timesteps
+    trajectory = ForwardChain(model.schedule, x0, event_dims=d).rsample()  # (N, T) + event
+    t = torch.arange(1, T + 1, device=x0.device).expand(trajectory.shape[:2])
+    x0_t = x0.unsqueeze(1).expand_as(trajectory)
+    terms = _step_term(model, x0_t, trajectory, t, model._output(trajectory, t))  # (N, T)
+    return prior_term(model, x0) + terms.sum(-1)
+
+
+PYRO_VLB_WHY = (
+    "TraceMeanField_ELBO needs one sample site per step to take each L_{t-1} as an analytic KL, "
+    "and a site's distribution needs the network at x_t, which the previous site draws: T "
+    "network calls in sequence on batches of N, each with Pyro's per-site tracing and a KL, "
+    "where torch evaluates all N x T pairs in one call. The gap grows with T and shrinks with N; "
+    "the pyro engine's trajectory objective (one site for the whole chain) is the fast way to "
+    "train through Pyro.")
+
+
+def bench_pyro(s: Settings, device, root: Path) -> list[dict]:
+    common = dict(data=TOY, timesteps=s.timesteps, batch_size=s.pyro_batch, iterations=10**9,
+                  train_size=20_000, test_size=100, device=str(device))
+    k, out = s.pyro_segment, []
+    torch_traj = TrainerSegments(_trainer(TrainConfig(objective="trajectory", **common), root,
+                                          "torch-trajectory"), k)
+    result = trainer_vs(TrainConfig(objective="trajectory", engine="pyro", **common), root,
+                        "pyro-trajectory", k, torch_traj, repeats=s.repeats, device=device)
+    out.append(_judge({"case": "trajectory: Trace_ELBO, chain_model/chain_guide vs torch "
+                               "trajectory objective", "estimator": "trajectory", **result},
+                      TARGETS["pyro"]))
+    baseline = _trainer(TrainConfig(objective="vlb", **common), root, "torch-chain-vlb")
+    baseline._loss = lambda x0: chain_mean_field_bound(baseline.model, x0).mean()
+    result = trainer_vs(TrainConfig(objective="vlb", engine="pyro", **common), root, "pyro-vlb", k,
+                        TrainerSegments(baseline, k), repeats=s.repeats, device=device)
+    out.append({**_judge({"case": "vlb: TraceMeanField_ELBO, markov.model/posterior_guide vs "
+                                  "the same full-chain estimator in torch", "estimator": "vlb",
+                          **result}, TARGETS["pyro"]), "why": PYRO_VLB_WHY})
+    return out
+
+
+# -- d: growth ------------------------------------------------------------------------------------
+
+def bench_growth(s: Settings, device) -> dict:
+    T, n, r = s.timesteps, s.growth_n, s.growth_repeats
+    run = lambda model_like, n_: full_bound_vs_bare(*model_like, n_, repeats=r, device=device)  # noqa: E731
+    return {
+        "T": [{"T": T_, **run(_mlp_model(T_, device=device), n)} for T_ in s.growth_timesteps],
+        "N": [{"N": n_, **run(_mlp_model(T, device=device), n_)} for n_ in s.growth_examples],
+        "D": [{"D": d, **run(_mlp_model(T, d, device=device), n)} for d in s.growth_dims],
+    }
+
+
+# -- e: CUDA --------------------------------------------------------------------------------------
+
+class _Bf16(torch.nn.Module):
+    """The network's forward under bfloat16 autocast, its outputs cast back to float32."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, xt, t):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = self.net(xt, t)
+        return out.float()
+
+
+def bench_cuda(s: Settings) -> dict:
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device on this machine"}
+    device = torch.device("cuda")
+    cfg = TrainConfig.for_data("mnist", timesteps=s.timesteps)
+    base = UNet(**unet_for(28, 1, out_multiplier=2)).to(device, F32)
+    gen = torch.Generator(device=device).manual_seed(0)
+    images = torch.rand(s.cuda_batch, 1, 28, 28, generator=gen, device=device, dtype=F32)
+    images = quantize(images * 2 - 1, 256)
+    chunk = s.cuda_examples * s.timesteps // 4 or 1
+    out = {"gpu": torch.cuda.get_device_name(device), "batch": s.cuda_batch,
+           "examples": s.cuda_examples, "T": s.timesteps, "modes": {}}
+    for mode in ("eager_fp32", "bf16_compile"):
+        try:
+            net = copy.deepcopy(base)
+            wrapped = net if mode == "eager_fp32" else _Bf16(torch.compile(net))
+            model = build_model(cfg, wrapped, num_levels=256)
+            opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr)
+            sampler = make_sampler("uniform", s.timesteps)
+
+            def train_step():
+                loss = hybrid_loss(model, images, sampler=sampler, generator=gen).loss.mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+            def evaluate():
+                full_bound(model, images[: s.cuda_examples], chunk_size=chunk, generator=gen)
+
+            for _ in range(2):  # compile and autotune outside the timing
+                train_step()
+                evaluate()
+            times = interleave({"train": train_step, "full_bound": evaluate}, s.cuda_repeats, device)
+            out["modes"][mode] = {"images_per_s": s.cuda_batch / statistics.median(times["train"]),
+                                  "full_bound_seconds": statistics.median(times["full_bound"])}
+        except Exception as e:  # torch.compile unavailable on this machine, say
+            out["modes"][mode] = {"error": f"{type(e).__name__}: {e}"}
+    return out
+
+
+# -- the report -----------------------------------------------------------------------------------
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "load_average": list(os.getloadavg())}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _ms(seconds: float) -> str:
+    return f"{1e3 * seconds:.3g}"
+
+
+def _ratio(r: dict) -> str:
+    lo, hi = r["ratio_range"]
+    return f"{r['ratio']:.3f} ({lo:.2f}–{hi:.2f})"
+
+
+def _met(r: dict) -> str:
+    return "met" if r["met"] else "**not met**"
+
+
+def markdown(report: dict) -> str:
+    m, sec = report["machine"], report["sections"]
+    lines = ["# Benchmarks", "",
+             f"Produced by `{report['command']}` on {report['date']}.", "",
+             f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, torch {m['torch']} with "
+             f"{m['torch_threads']} threads, Python {m['python']}"
+             + (f", GPU {m['gpu']}" if "gpu" in m else "") + "; load average "
+             f"{m['load_average'][0]:.2f} at the start, {report['load_average_end'][0]:.2f} at the "
+             "end (other jobs add noise to every figure).", "",
+             "Every figure is a ratio to a baseline timed in the same run: the two alternate (one "
+             "warm-up call each, the order reversed every round) and the ratio is the median of "
+             "the per-round ratios, their range in brackets. Times are medians.", ""]
+    if "full_bound" in sec:
+        lines += ["## Full-bound evaluation against the bare network", "",
+                  "`elbo.full_bound` (every term of the bound for N examples, the N x T pairs in "
+                  "chunks, no gradients) against the network's forward passes on N x T (x_t, t) "
+                  f"pairs in chunks of the same size. Target: ≤ {TARGETS['full_bound']}x.", "",
+                  "| case | N | T | chunk | full bound (s) | bare network (s) | ratio | target |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['case']} | {r['N']} | {r['T']} | {r['chunk_size']} | {r['seconds']:.3g} | "
+                  f"{r['baseline_seconds']:.3g} | {_ratio(r)} | {_met(r)} |" for r in sec["full_bound"]]
+        lines.append("")
+    if "training" in sec:
+        rows = sec["training"]
+        lines += ["## Training overhead against a hand-written loop", "",
+                  "`Trainer` iterations (torch engine, eps prediction, learned_range variance, "
+                  "uniform t, logging every 50 steps, a checkpoint every 1000 amortized) against "
+                  "`bench.HandLoop`, the same arithmetic written directly in torch with the same "
+                  "network, batch, AdamW, clipping and EMA. Target: ≤ "
+                  f"{100 * (TARGETS['training'] - 1):.0f}% overhead.", "",
+                  "| case | objective | batch | Trainer (ms/it) | hand loop (ms/it) | ratio | "
+                  "overhead | target |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['case']} | {r['objective']} | {r['batch']} | {_ms(r['seconds'])} | "
+                  f"{_ms(r['baseline_seconds'])} | {_ratio(r)} | {100 * (r['ratio'] - 1):+.1f}% | "
+                  f"{_met(r)} |" for r in rows]
+        if rows:
+            lines += ["", f"A checkpoint took {rows[0]['checkpoint_seconds']:.3g} s "
+                      f"(amortized over {rows[0]['checkpoint_every']} iterations)."]
+        lines.append("")
+    if "pyro" in sec:
+        rows = sec["pyro"]
+        lines += ["## The Pyro engine against torch", "",
+                  f"One training iteration at T = {rows[0]['T']}, batch {rows[0]['batch']}, the "
+                  "MLP on the 2D toy; both sides through `Trainer`. Target: ≤ "
+                  f"{TARGETS['pyro']}x.", "",
+                  "| estimator | Pyro (s/it) | torch (s/it) | ratio | target |", "|---|---|---|---|---|"]
+        lines += [f"| {r['case']} | {r['seconds']:.3g} | {r['baseline_seconds']:.3g} | {_ratio(r)} | "
+                  f"{_met(r)} |" for r in rows]
+        lines += [""] + [f"Why vlb is slower: {r['why']}" for r in rows if "why" in r and not r["met"]]
+        lines.append("")
+    if "growth" in sec:
+        g = sec["growth"]
+        lines += ["## How the full bound's cost grows", "",
+                  "The MLP on D-dimensional data, time per (example, step) pair and the ratio to "
+                  "the bare network at each point.", ""]
+        for key, fixed in (("T", f"N = {g['T'][0]['N']}, D = 2"), ("N", f"T = {g['N'][0]['T']}, D = 2"),
+                           ("D", f"N = {g['D'][0]['N']}, T = {g['D'][0]['T']}")):
+            lines += [f"With {key} ({fixed}):", "",
+                      f"| {key} | pairs | full bound (s) | µs per pair | bare network (s) | ratio |",
+                      "|---|---|---|---|---|---|"]
+            lines += [f"| {r[key] if key != 'D' else r['dims']} | {r['pairs']} | {r['seconds']:.3g} | "
+                      f"{r['us_per_pair']:.3g} | {r['baseline_seconds']:.3g} | {_ratio(r)} |"
+                      for r in g[key]]
+            lines.append("")
+        if report.get("figure"):
+            lines += [f"![growth]({report['figure']})", ""]
+    if "cuda" in sec:
+        c = sec["cuda"]
+        lines += ["## GPU", ""]
+        if "skipped" in c:
+            lines += [f"Skipped: {c['skipped']}.", ""]
+        else:
+            lines += [f"{c['gpu']}, measured {c.get('date', report['date'])}: the MNIST-sized "
+                      f"U-Net (`unet_for(28, 1)`, learned variance), hybrid objective, batch "
+                      f"{c['batch']}; full bound of {c['examples']} examples at T = {c['T']}.", "",
+                      "| mode | training images/s | full bound (s) |", "|---|---|---|"]
+            for mode, r in c["modes"].items():
+                lines.append(f"| {mode} | {r['images_per_s']:.1f} | {r['full_bound_seconds']:.3g} |"
+                             if "error" not in r else f"| {mode} | failed: {r['error']} | |")
+            lines.append("")
+    missed = [r for name in ("full_bound", "training") for r in sec.get(name, []) if not r["met"]]
+    if missed:
+        lines += ["## Targets not met in this run", ""]
+        lines += [f"- {r['case']}{' / ' + r['objective'] if 'objective' in r else ''}: ratio "
+                  f"{r['ratio']:.3f} against {r['target']}. The range of the per-round ratios "
+                  f"({r['ratio_range'][0]:.2f}–{r['ratio_range'][1]:.2f}) shows how much of it "
+                  "is noise from other jobs; rerun on a quiet machine." for r in missed]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def growth_figure(growth: dict, path: Path) -> None:
+    """Seconds against T, N and D, on log-log axes, full bound and bare network."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 3.6))
+    for ax, key in zip(fig.subplots(1, 3), ("T", "N", "D")):
+        rows = growth[key]
+        xs = [r[key] if key != "D" else r["dims"] for r in rows]
+        ax.loglog(xs, [r["seconds"] for r in rows], "o-", label="full bound")
+        ax.loglog(xs, [r["baseline_seconds"] for r in rows], "s--", label="bare network")
+        ax.set_xlabel(key)
+        ax.set_ylabel("seconds")
+        ax.grid(True, which="both", alpha=0.3)
+    fig.axes[0].legend()
+    fig.tight_layout()
+    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+
+
+def _atomic(path: Path, write: Callable[[str], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_text(path: Path, text: str) -> None:
+    _atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+# -- the command ----------------------------------------------------------------------------------
+
+def _sections(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown section(s) {', '.join(unknown) or '(none)'}; "
+                                         f"valid: {', '.join(SECTIONS)}")
+    return names
+
+
+def _override(s: Settings, items: list[str]) -> Settings:
+    changes = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in Settings.__dataclass_fields__:
+            raise SystemExit(f"--set: unknown setting {name!r}; valid: "
+                             + ", ".join(Settings.__dataclass_fields__))
+        default = getattr(s, name)
+        changes[name] = (tuple(int(v) for v in value.split(",")) if isinstance(default, tuple)
+                         else int(value))
+    return replace(s, **changes)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pdiff.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--out-json", default="docs/benchmarks.json", help="where the figures go (JSON)")
+    p.add_argument("--out-md", default="docs/benchmarks.md", help="the report (Markdown)")
+    p.add_argument("--quick", action="store_true", help="tiny settings, for the smoke test")
+    p.add_argument("--device", default="cpu", help="device of the CPU sections (default cpu)")
+    p.add_argument("--only", type=_sections, default=SECTIONS,
+                   help=f"comma-separated sections to run: {', '.join(SECTIONS)}")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="override one of the settings (see bench.Settings), e.g. repeats=11")
+    p.add_argument("--include-json", default=None,
+                   help="merge the sections of another run's JSON that this run skips (a GPU "
+                        "machine's cuda section, say)")
+    return p
+
+
+def run(args: argparse.Namespace, command: str) -> dict:
+    s = _override(QUICK if args.quick else Settings(), args.set)
+    device = torch.device(args.device)
+    report = {"command": command, "date": datetime.datetime.now(datetime.timezone.utc)
+              .strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(), "settings": asdict(s),
+              "sections": {}}
+    sec = report["sections"]
+    with tempfile.TemporaryDirectory(prefix="pdiff-bench-") as tmp:
+        root = Path(tmp)
+        for name in args.only:
+            print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+            if name == "full_bound":
+                sec[name] = bench_full_bound(s, device)
+            elif name == "training":
+                sec[name] = bench_training(s, device, root)
+            elif name == "pyro":
+                sec[name] = bench_pyro(s, device, root)
+            elif name == "growth":
+                sec[name] = bench_growth(s, device)
+            else:
+                sec[name] = {**bench_cuda(s), "date": report["date"]}
+    if args.include_json:
+        other = json.loads(Path(args.include_json).read_text())
+        for name, value in other["sections"].items():
+            if name not in sec or "skipped" in sec.get(name, {}):
+                sec[name] = {**value, "date": other["date"]} if isinstance(value, dict) else value
+    report["load_average_end"] = list(os.getloadavg())
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser().parse_args(argv)
+    report = run(args, "python -m pdiff.bench" + "".join(" " + shlex.quote(a) for a in argv))
+    md_path, json_path = Path(args.out_md), Path(args.out_json)
+    if "growth" in report["sections"]:
+        figure = md_path.parent / "figures" / "benchmarks" / "growth.png"
+        growth_figure(report["sections"]["growth"], figure)
+        report["figure"] = os.path.relpath(figure, md_path.parent)
+    _write_text(json_path, json.dumps(report, indent=2) + "\n")
+    _write_text(md_path, markdown(report))
+    print(f"wrote {md_path} and {json_path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

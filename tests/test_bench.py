@@ -1,0 +1,88 @@
+"""The benchmark command runs end to end on tiny settings (no test asserts a time)."""
+import json
+import math
+
+import pytest
+
+from pdiff import bench
+
+
+def _timings(rows):
+    for r in rows:
+        for key in ("seconds", "baseline_seconds", "ratio"):
+            assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+        assert r["ratio_range"][0] <= r["ratio"] <= r["ratio_range"][1]
+
+
+def test_quick_run_writes_every_section(tmp_path):
+    out_json, out_md = tmp_path / "b.json", tmp_path / "docs" / "benchmarks.md"
+    argv = ["--quick", "--out-json", str(out_json), "--out-md", str(out_md)]
+    assert bench.main(argv) == 0
+    report = json.loads(out_json.read_text())
+    sections = report["sections"]
+    assert set(sections) == set(bench.SECTIONS)
+    assert [r["objective"] for r in sections["training"]] == [
+        "simple", "vlb", "hybrid", "trajectory", "simple", "hybrid"]
+    assert [r["estimator"] for r in sections["pyro"]] == ["trajectory", "vlb"]
+    for name in ("full_bound", "training", "pyro"):
+        _timings(sections[name])
+        assert all(isinstance(r["met"], bool) and r["target"] > 1 for r in sections[name])
+    for key in ("T", "N", "D"):
+        _timings(sections["growth"][key])
+    cuda = sections["cuda"]
+    assert "skipped" in cuda or all("error" in m or m["images_per_s"] > 0
+                                    for m in cuda["modes"].values())
+    assert report["machine"]["torch"] and report["date"]
+    md = out_md.read_text()
+    assert report["command"] in md and report["command"].startswith("python -m pdiff.bench --quick")
+    for title in ("Full-bound evaluation", "Training overhead", "Pyro engine", "grows", "GPU"):
+        assert title in md
+    assert (out_md.parent / report["figure"]).is_file()
+    assert not list(tmp_path.rglob("*.tmp"))  # written atomically, nothing left behind
+
+
+def test_only_and_bad_names(tmp_path):
+    out = tmp_path / "b.json"
+    assert bench.main(["--quick", "--only", "growth", "--set", "growth_timesteps=5",
+                       "--out-json", str(out), "--out-md", str(tmp_path / "b.md")]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["sections"]) == {"growth"}
+    assert [r["T"] for r in report["sections"]["growth"]["T"]] == [5]
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--only", "growth,speed", "--out-json", str(out)])
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--set", "nonsense=1", "--out-json", str(out)])
+
+
+@pytest.mark.parametrize("objective,image", [("simple", False), ("vlb", False), ("hybrid", False),
+                                             ("trajectory", False), ("simple", True),
+                                             ("hybrid", True)])
+def test_hand_loop_does_the_same_arithmetic(objective, image):
+    """The baseline is fair: on the same draws of t and eps (the same generator stream), the
+    hand-written loss equals pdiff's objective, and so do its gradients."""
+    import torch
+
+    from pdiff.distributions import quantize
+    from pdiff.objectives import UniformSampler, get_objective
+    from pdiff.train import TrainConfig, build_model, build_net
+
+    T = 12
+    cfg = TrainConfig.for_data("digits" if image else "8gaussians", objective=objective,
+                               timesteps=T, channels=8)
+    shape = (1, 8, 8) if image else (2,)
+    torch.manual_seed(0)
+    net = build_net(cfg, shape)
+    for p in net.parameters():  # away from the zero-initialised output layer
+        torch.nn.init.normal_(p, std=0.2)
+    data = torch.rand((6,) + shape) * 2 - 1
+    data = quantize(data, 17) if image else data
+    model = build_model(cfg, net, 17 if image else None)
+    hand = bench.HandLoop(cfg, net, data, 17 if image else None, torch.device("cpu"))
+    hand.gen = torch.Generator().manual_seed(3)
+    got = hand.loss(data)
+    want = get_objective(objective)(model, data, sampler=UniformSampler(T),
+                                    generator=torch.Generator().manual_seed(3)).loss.mean()
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    params = list(net.parameters())
+    for a, b in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
