@@ -233,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--force", action="store_true", help="overwrite existing output files")
     sa.set_defaults(func=cmd_sample)
 
+    sub.add_parser("bench", add_help=False,
+                   help="measure speed against same-run baselines; writes docs/benchmarks.md "
+                   "(pdiff bench --help)")
+
     co = sub.add_parser("compare", help="train and evaluate objectives x variances x seeds, "
                         "write results.json, results.md and figures")
     co.add_argument("--out", required=True, metavar="DIR", help="comparison directory")
@@ -540,6 +544,10 @@ def _report(message: str, error: Exception) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # its own options: pdiff bench --help
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = parser.parse_args(argv)
     args.command_line = "pdiff " + " ".join(shlex.quote(a) for a in argv)
     warnings.formatwarning = lambda message, category, *_: f"pdiff {args.command}: warning: {message}\n"
