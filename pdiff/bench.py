@@ -37,17 +37,15 @@ from typing import Callable
 
 import torch
 
-from .distributions.discretized import log_diff_ndtr, quantize
-from .distributions.forward import ForwardChain
-from .elbo import _step_term, full_bound, prior_term
+from .bench_baselines import HandLoop, chain_mean_field_bound
+from .distributions.discretized import quantize
+from .elbo import full_bound
 from .nets import UNet, unet_for
 from .objectives import hybrid_loss, make_sampler
-from .schedules import make_schedule
 from .train import TrainConfig, Trainer, build_model, build_net
 
 SECTIONS = ("full_bound", "training", "pyro", "growth", "cuda")
 TARGETS = {"full_bound": 1.2, "training": 1.05, "pyro": 1.5}
-HYBRID_WEIGHT = 0.001  # lambda of the hybrid objective (objectives.hybrid_loss's default)
 TOY = "8gaussians"  # the 2D toy the MLP cases train on
 F32 = torch.float32  # what Trainer trains in, whatever the default dtype
 
@@ -176,124 +174,6 @@ def bench_full_bound(s: Settings, device) -> list[dict]:
 
 # -- b: training against a hand-written loop ------------------------------------------------------
 
-class HandLoop:
-    """The arithmetic of a ``Trainer`` iteration written directly in torch for eps prediction and
-    the learned_range variance (the defaults): draw indices, t, eps; x_t; the network; the loss of
-    the objective; backward, gradient clipping, AdamW with the warm-up learning rate, EMA.
-
-    Schedule tables are float32 columns gathered by t; both bound branches are computed for the
-    whole batch and ``torch.where`` picks the decoder term at t = 1, as improved-diffusion does.
-    """
-
-    def __init__(self, cfg: TrainConfig, net: torch.nn.Module, data: torch.Tensor,
-                 num_levels: int | None, device):
-        self.cfg, self.net, self.data = cfg, net, data
-        self.ema = copy.deepcopy(net).requires_grad_(False)
-        self.opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-        self.num_levels, self.step, self.device = num_levels, 0, device
-        s = make_schedule(cfg.schedule, cfg.timesteps)
-        col = lambda v: v.to(device=device, dtype=data.dtype)  # noqa: E731
-        ab = s.alpha_bar
-        self.T, self.D = s.num_timesteps, math.prod(data.shape[1:])
-        self.sqrt_ab, self.sqrt_1m_ab = col(ab.sqrt()), col((1 - ab).sqrt())
-        self.c0, self.ct = col(s.posterior_coef_x0), col(s.posterior_coef_xt)
-        self.log_beta, self.log_bt = col(s.log_beta), col(s.log_beta_tilde_clipped)
-        self.sqrt_alpha = col(s.alphas.sqrt())
-        self.ab64, self.beta64 = ab[1:].to(device), s.betas[1:].to(device)  # float64, for the chain
-        self.ab_T = float(ab[-1])
-
-    def _col(self, table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return table[t].reshape(t.shape + (1,) * (self.data.dim() - 1))
-
-    def _gaussian_log_prob(self, x, mean, log_var):
-        d = x - mean
-        return (-0.5 * (d * d * torch.exp(-log_var) + log_var + math.log(2 * math.pi))).flatten(
-            x.dim() - self.data.dim() + 1).sum(-1)
-
-    def _decoder_log_prob(self, x0, mean, log_var):
-        if self.num_levels is None:
-            return self._gaussian_log_prob(x0, mean, log_var)
-        h, inv_std = 1.0 / (self.num_levels - 1), torch.exp(-0.5 * log_var)
-        upper = torch.where(x0 > 1 - h, math.inf, (x0 + h - mean) * inv_std)
-        lower = torch.where(x0 < -1 + h, -math.inf, (x0 - h - mean) * inv_std)
-        return log_diff_ndtr(lower, upper).flatten(1).sum(-1)
-
-    def _mean_and_log_var(self, xt, t, out, detach_mean):
-        eps_hat, v = out.chunk(2, dim=xt.dim() - self.data.dim() + 1)
-        a, b = self._col(self.sqrt_ab, t), self._col(self.sqrt_1m_ab, t)
-        x0_hat = (xt - b * (eps_hat.detach() if detach_mean else eps_hat)) / a
-        mean = self._col(self.c0, t) * x0_hat + self._col(self.ct, t) * xt
-        frac = (v + 1) / 2
-        log_var = frac * self._col(self.log_beta, t) + (1 - frac) * self._col(self.log_bt, t)
-        return eps_hat, mean, log_var
-
-    def _step_term(self, x0, xt, t, mean, log_var):
-        mu_q = self._col(self.c0, t) * x0 + self._col(self.ct, t) * xt
-        lq = self._col(self.log_bt, t.clamp(min=2))
-        d = mu_q - mean
-        kl = 0.5 * ((torch.exp(lq) + d * d) * torch.exp(-log_var) + log_var - lq - 1)
-        kl = kl.flatten(1).sum(-1)
-        return torch.where(t == 1, -self._decoder_log_prob(x0, mean, log_var), kl)
-
-    def loss(self, x0: torch.Tensor) -> torch.Tensor:
-        objective, T, B = self.cfg.objective, self.T, x0.shape[0]
-        if objective == "trajectory":
-            return self._trajectory(x0)
-        t = torch.randint(1, T + 1, (B,), generator=self.gen, device=self.device)
-        eps = torch.randn(x0.shape, generator=self.gen, device=self.device, dtype=x0.dtype)
-        xt = self._col(self.sqrt_ab, t) * x0 + self._col(self.sqrt_1m_ab, t) * eps
-        eps_hat, mean, log_var = self._mean_and_log_var(xt, t, self.net(xt, t),
-                                                        objective == "hybrid")
-        if objective == "simple":
-            return ((eps_hat - eps) ** 2).flatten(1).mean(-1).mean()
-        term = self._step_term(x0, xt, t, mean, log_var)
-        if objective == "hybrid":
-            simple = ((eps_hat - eps) ** 2).flatten(1).mean(-1)
-            return (simple + (HYBRID_WEIGHT * T / (self.D * math.log(2))) * term).mean()
-        prior = 0.5 * (self.ab_T * x0 * x0 - self.ab_T - math.log(1 - self.ab_T)).flatten(1).sum(-1)
-        return (prior + T * term).mean()
-
-    def _trajectory(self, x0):
-        """-log p(x_{0:T}) + log q(x_{1:T} | x_0) at one forward trajectory, all T steps at once."""
-        T, B = self.T, x0.shape[0]
-        eps = torch.randn((T,) + x0.shape, generator=self.gen, device=self.device, dtype=x0.dtype)
-        steps = torch.arange(1, T + 1, device=self.device)
-        along = (T,) + (1,) * x0.dim()
-        ab, beta = self.ab64.reshape(along), self.beta64.reshape(along)
-        traj = ((torch.cumsum(eps.double() * (beta / ab).sqrt(), 0) + x0.double()) * ab.sqrt())
-        traj = traj.to(x0.dtype).movedim(0, 1).contiguous()  # (B, T) + event
-        t = steps.expand(B, T)
-        out = self.net(traj, t)
-        _, mean, log_var = self._mean_and_log_var(traj, t, out, False)
-        x_T = traj[:, -1]
-        log_p = -0.5 * (x_T * x_T + math.log(2 * math.pi)).flatten(1).sum(-1)
-        log_p = log_p + self._gaussian_log_prob(traj[:, :-1], mean[:, 1:], log_var[:, 1:]).sum(-1)
-        log_p = log_p + self._decoder_log_prob(x0, mean[:, 0], log_var[:, 0])
-        prev = torch.cat([x0.unsqueeze(1), traj[:, :-1]], 1)
-        q_mean = self._col(self.sqrt_alpha, t) * prev
-        log_q = self._gaussian_log_prob(traj, q_mean, self._col(self.log_beta, t))
-        return (log_q.sum(-1) - log_p).mean()
-
-    def run(self, iterations: int) -> None:
-        cfg = self.cfg
-        for _ in range(iterations):
-            idx = torch.randint(self.data.shape[0], (cfg.batch_size,), generator=self.gen,
-                                device=self.device)
-            loss = self.loss(self.data[idx])
-            for group in self.opt.param_groups:
-                group["lr"] = cfg.lr * min(1.0, (self.step + 1) / max(1, cfg.warmup))
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
-            self.opt.step()
-            decay = min(cfg.ema_decay, (1 + self.step) / (10 + self.step))
-            with torch.no_grad():
-                for e, p in zip(self.ema.parameters(), self.net.parameters()):
-                    e.lerp_(p, 1 - decay)
-            self.step += 1
-
-
 class TrainerSegments:
     """Runs a ``Trainer`` ``k`` iterations per call, with logging at its default interval; the time
     of the checkpoint written at the end of each call is returned (left out of the timing) and
@@ -363,18 +243,6 @@ def bench_training(s: Settings, device, root: Path) -> list[dict]:
 
 # -- c: the Pyro engine against torch ------------------------------------------------------------
 
-def chain_mean_field_bound(model, x0: torch.Tensor) -> torch.Tensor:
-    """The estimator TraceMeanField_ELBO computes with ``markov.posterior_guide``, in torch:
-    L_T + sum_t (the term of step t) at ONE trajectory x_{1:T} ~ q(x_{1:T} | x_0) (drawn forward:
-    the same joint as the posterior guide's), the network at all T steps in one batch."""
-    d, T = model.event_dims, model.num_timesteps
-    trajectory = ForwardChain(model.schedule, x0, event_dims=d).rsample()  # (N, T) + event
-    t = torch.arange(1, T + 1, device=x0.device).expand(trajectory.shape[:2])
-    x0_t = x0.unsqueeze(1).expand_as(trajectory)
-    terms = _step_term(model, x0_t, trajectory, t, model._output(trajectory, t))  # (N, T)
-    return prior_term(model, x0) + terms.sum(-1)
-
-
 PYRO_VLB_WHY = (
     "TraceMeanField_ELBO needs one sample site per step to take each L_{t-1} as an analytic KL, "
     "and a site's distribution needs the network at x_t, which the previous site draws: T "
@@ -409,7 +277,8 @@ def bench_pyro(s: Settings, device, root: Path) -> list[dict]:
 
 def bench_growth(s: Settings, device) -> dict:
     T, n, r = s.timesteps, s.growth_n, s.growth_repeats
-    run = lambda model_like, n_: full_bound_vs_bare(*model_like, n_, repeats=r, device=device)  # noqa: E731
+    def run(model_like, n_):
+        return full_bound_vs_bare(*model_like, n_, repeats=r, device=device)
     return {
         "T": [{"T": T_, **run(_mlp_model(T_, device=device), n)} for T_ in s.growth_timesteps],
         "N": [{"N": n_, **run(_mlp_model(T, device=device), n_)} for n_ in s.growth_examples],
@@ -422,32 +291,35 @@ def bench_growth(s: Settings, device) -> dict:
 class _Bf16(torch.nn.Module):
     """The network's forward under bfloat16 autocast, its outputs cast back to float32."""
 
-    def __init__(self, net: torch.nn.Module):
+    def __init__(self, net: torch.nn.Module, device_type: str):
         super().__init__()
-        self.net = net
+        self.net, self.device_type = net, device_type
 
     def forward(self, xt, t):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
             out = self.net(xt, t)
         return out.float()
 
 
-def bench_cuda(s: Settings) -> dict:
-    if not torch.cuda.is_available():
-        return {"skipped": "no CUDA device on this machine"}
-    device = torch.device("cuda")
+def bench_cuda(s: Settings, device: torch.device | None = None) -> dict:
+    """Eager fp32 against bf16 autocast + torch.compile on a GPU (``device`` for tests only)."""
+    if device is None:
+        if not torch.cuda.is_available():
+            return {"skipped": "no CUDA device on this machine"}
+        device = torch.device("cuda")
     cfg = TrainConfig.for_data("mnist", timesteps=s.timesteps)
     base = UNet(**unet_for(28, 1, out_multiplier=2)).to(device, F32)
     gen = torch.Generator(device=device).manual_seed(0)
     images = torch.rand(s.cuda_batch, 1, 28, 28, generator=gen, device=device, dtype=F32)
     images = quantize(images * 2 - 1, 256)
     chunk = s.cuda_examples * s.timesteps // 4 or 1
-    out = {"gpu": torch.cuda.get_device_name(device), "batch": s.cuda_batch,
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    out = {"gpu": name, "batch": s.cuda_batch,
            "examples": s.cuda_examples, "T": s.timesteps, "modes": {}}
     for mode in ("eager_fp32", "bf16_compile"):
         try:
             net = copy.deepcopy(base)
-            wrapped = net if mode == "eager_fp32" else _Bf16(torch.compile(net))
+            wrapped = net if mode == "eager_fp32" else _Bf16(torch.compile(net), device.type)
             model = build_model(cfg, wrapped, num_levels=256)
             opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr)
             sampler = make_sampler("uniform", s.timesteps)
@@ -464,7 +336,8 @@ def bench_cuda(s: Settings) -> dict:
             for _ in range(2):  # compile and autotune outside the timing
                 train_step()
                 evaluate()
-            times = interleave({"train": train_step, "full_bound": evaluate}, s.cuda_repeats, device)
+            times = interleave({"train": train_step, "full_bound": evaluate}, s.cuda_repeats,
+                               device)
             out["modes"][mode] = {"images_per_s": s.cuda_batch / statistics.median(times["train"]),
                                   "full_bound_seconds": statistics.median(times["full_bound"])}
         except Exception as e:  # torch.compile unavailable on this machine, say
@@ -524,7 +397,8 @@ def markdown(report: dict) -> str:
                   "| case | N | T | chunk | full bound (s) | bare network (s) | ratio | target |",
                   "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['case']} | {r['N']} | {r['T']} | {r['chunk_size']} | {r['seconds']:.3g} | "
-                  f"{r['baseline_seconds']:.3g} | {_ratio(r)} | {_met(r)} |" for r in sec["full_bound"]]
+                  f"{r['baseline_seconds']:.3g} | {_ratio(r)} | {_met(r)} |"
+                  for r in sec["full_bound"]]
         lines.append("")
     if "training" in sec:
         rows = sec["training"]
@@ -549,22 +423,28 @@ def markdown(report: dict) -> str:
                   f"One training iteration at T = {rows[0]['T']}, batch {rows[0]['batch']}, the "
                   "MLP on the 2D toy; both sides through `Trainer`. Target: ≤ "
                   f"{TARGETS['pyro']}x.", "",
-                  "| estimator | Pyro (s/it) | torch (s/it) | ratio | target |", "|---|---|---|---|---|"]
-        lines += [f"| {r['case']} | {r['seconds']:.3g} | {r['baseline_seconds']:.3g} | {_ratio(r)} | "
+                  "| estimator | Pyro (s/it) | torch (s/it) | ratio | target |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['case']} | {r['seconds']:.3g} | {r['baseline_seconds']:.3g} | "
+                  f"{_ratio(r)} | "
                   f"{_met(r)} |" for r in rows]
-        lines += [""] + [f"Why vlb is slower: {r['why']}" for r in rows if "why" in r and not r["met"]]
+        lines += [""] + [f"Why vlb is slower: {r['why']}" for r in rows
+                         if "why" in r and not r["met"]]
         lines.append("")
     if "growth" in sec:
         g = sec["growth"]
         lines += ["## How the full bound's cost grows", "",
                   "The MLP on D-dimensional data, time per (example, step) pair and the ratio to "
                   "the bare network at each point.", ""]
-        for key, fixed in (("T", f"N = {g['T'][0]['N']}, D = 2"), ("N", f"T = {g['N'][0]['T']}, D = 2"),
+        for key, fixed in (("T", f"N = {g['T'][0]['N']}, D = 2"),
+                           ("N", f"T = {g['N'][0]['T']}, D = 2"),
                            ("D", f"N = {g['D'][0]['N']}, T = {g['D'][0]['T']}")):
             lines += [f"With {key} ({fixed}):", "",
-                      f"| {key} | pairs | full bound (s) | µs per pair | bare network (s) | ratio |",
+                      f"| {key} | pairs | full bound (s) | µs per pair | bare network (s) | "
+                      "ratio |",
                       "|---|---|---|---|---|---|"]
-            lines += [f"| {r[key] if key != 'D' else r['dims']} | {r['pairs']} | {r['seconds']:.3g} | "
+            lines += [f"| {r[key] if key != 'D' else r['dims']} | {r['pairs']} | "
+                      f"{r['seconds']:.3g} | "
                       f"{r['us_per_pair']:.3g} | {r['baseline_seconds']:.3g} | {_ratio(r)} |"
                       for r in g[key]]
             lines.append("")
@@ -583,6 +463,12 @@ def markdown(report: dict) -> str:
             for mode, r in c["modes"].items():
                 lines.append(f"| {mode} | {r['images_per_s']:.1f} | {r['full_bound_seconds']:.3g} |"
                              if "error" not in r else f"| {mode} | failed: {r['error']} | |")
+            eager, fast = c["modes"].get("eager_fp32", {}), c["modes"].get("bf16_compile", {})
+            if "images_per_s" in eager and "images_per_s" in fast:
+                lines += ["", f"bf16 + compile against eager fp32: training "
+                          f"{fast['images_per_s'] / eager['images_per_s']:.2f}x the images/s, full "
+                          f"bound {eager['full_bound_seconds'] / fast['full_bound_seconds']:.2f}x "
+                          "as fast."]
             lines.append("")
     missed = [r for name in ("full_bound", "training") for r in sec.get(name, []) if not r["met"]]
     if missed:

@@ -14,10 +14,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch.distributions import kl_divergence
+from torch.distributions import Distribution, kl_divergence
 
+from .distributions.discretized import DiscretizedGaussian
 from .distributions.forward import ForwardChain
-from .distributions.normal import DiagNormal, diag_normal, standard_normal
+from .distributions.normal import DiagNormal, standard_normal
 from .distributions.reverse import ReverseOutput, ReverseProcess
 from .distributions.reverse_chain import reverse_log_prob
 from .parameterization import posterior_mean, xt_from_x0
@@ -53,7 +54,17 @@ def step_term(model: ReverseProcess, x0: torch.Tensor, xt: torch.Tensor, t: torc
     """The term of step t at the given x_t: KL(q(x_{t-1}|x_t,x_0) || p_theta(x_{t-1}|x_t)) for
     t >= 2 and -log p_theta(x_0 | x_1) for t = 1; ``t`` may mix steps. Shape ``batch_shape``."""
     t = model.schedule.check_t(t).to(x0.device).expand(x0.shape[: x0.dim() - model.event_dims])
+    check_data(model, x0)
     return _step_term(model, x0, xt, t, model._output(xt, t) if out is None else out, detach_mean)
+
+
+def check_data(model: ReverseProcess, x0: torch.Tensor) -> None:
+    """Under distribution validation (torch's default), refuse x_0 off the discretized decoder's K
+    levels with a ``ValueError``; the hot paths then skip the per-call check."""
+    if model.decoder_type == "discretized" and Distribution._validate_args:
+        if not bool(DiscretizedGaussian(x0, 1.0, model.num_levels).support.check(x0).all()):
+            raise ValueError(f"x_0 must lie on the decoder's {model.num_levels} levels "
+                             "-1 + 2k/(K - 1) in [-1, 1]")
 
 
 def _step_term(model: ReverseProcess, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
@@ -68,15 +79,15 @@ def _step_term(model: ReverseProcess, x0: torch.Tensor, xt: torch.Tensor, t: tor
     d = model.event_dims
     p = model.transition(xt, None, out=out, detach_mean=detach_mean, validate_args=False)
     decoder = (p if model.decoder_type == "gaussian"
-               else model.decoder(xt, out=out, detach_mean=detach_mean))
+               else model.decoder(xt, out=out, detach_mean=detach_mean, validate_args=False))
     nll = -decoder.log_prob(x0)
     if model.num_timesteps == 1:
         return nll
-    # q(x_{t-1} | x_t, x_0); its mean at t = 1 is x_0 itself, its variance beta_tilde_1 = 0 is
-    # replaced by beta_tilde_2 there (those entries are discarded)
-    variance = model.schedule.at("beta_tilde", t.clamp(min=2), xt, d)
-    q = diag_normal(posterior_mean(model.schedule, x0, xt, t, d), variance, event_dims=d,
-                    validate_args=False)
+    # q(x_{t-1} | x_t, x_0); at t = 1 its mean is x_0 itself and its variance beta_tilde_1 = 0 is
+    # replaced by beta_tilde_2 (log_beta_tilde_clipped); those entries are discarded
+    log_variance = model.schedule.at("log_beta_tilde_clipped", t, xt, d)
+    q = DiagNormal(posterior_mean(model.schedule, x0, xt, t, d), log_variance, d,
+                   validate_args=False)
     return torch.where(t == 1, nll, kl_divergence(q, p))
 
 
@@ -101,6 +112,7 @@ def full_bound(model: ReverseProcess, x0: torch.Tensor, *, chunk_size: int = 163
         raise ValueError(f"full_bound takes a batch of examples, shape (N,) + event_shape; got "
                          f"{tuple(x0.shape)} with {d} event dimensions")
     N = batch_shape[0]
+    check_data(model, x0)
     terms = x0.new_empty(N * T)
     with torch.no_grad():
         for start in range(0, N * T, chunk_size):
@@ -119,6 +131,7 @@ def sampled_bound(model: ReverseProcess, x0: torch.Tensor, t: torch.Tensor, weig
     """The unbiased one-step estimator L_T + T w_t L_{t-1}, t drawn by a sampler with weights
     w_t = 1 / (T p_t) (1 for uniform t). Returns (estimate, term), both shape ``batch_shape``."""
     t = model.schedule.check_t(t).to(x0.device).expand(x0.shape[: x0.dim() - model.event_dims])
+    check_data(model, x0)
     xt, _ = sample_xt(model, x0, t, generator)
     term = _step_term(model, x0, xt, t, model._output(xt, t), detach_mean)
     return prior_term(model, x0) + model.num_timesteps * weights * term, term

@@ -86,11 +86,12 @@ class ImportanceSampler(UniformSampler):
         return bool((self.counts >= self.history).all())
 
     def probs(self) -> torch.Tensor:
-        if not self.warmed_up():
-            return super().probs().to(self.values.device)
-        p = (self.values**2).mean(-1).sqrt()
-        p = p / p.sum()
-        return p * (1 - self.uniform_prob) + self.uniform_prob / self.num_timesteps
+        """Uniform before the warm-up, then the mixture; chosen on the device, with no wait."""
+        warm = (self.counts >= self.history).all()
+        rms = (self.values**2).mean(-1).sqrt()
+        p = rms / rms.sum()  # NaN while every history is empty: not chosen then
+        p = p * (1 - self.uniform_prob) + self.uniform_prob / self.num_timesteps
+        return torch.where(warm, p, super().probs().to(p.device))
 
     def sample(self, n: int, device=None, generator: torch.Generator | None = None):
         """(t, w) as ``UniformSampler.sample``, with p_t from ``probs`` and w = 1 / (T p_t)."""
@@ -110,7 +111,8 @@ class ImportanceSampler(UniformSampler):
         if self.values.device != device:
             self.values, self.counts = self.values.to(device), self.counts.to(device)
         value = term.detach().reshape(-1).to(torch.float64)
-        added = torch.bincount(i, minlength=T)  # (T,) new values per step
+        added = torch.zeros(T, dtype=torch.long, device=device).scatter_add_(
+            0, i, torch.ones_like(i))  # (T,) new values per step (bincount would wait on a GPU)
         length = self.counts + added  # old and new values, in order
         kept = length.clamp(max=H)
         shift = length - kept  # how many of the oldest fall out

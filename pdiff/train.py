@@ -32,7 +32,7 @@ import torch
 from . import distributed
 from .data import IMAGE_DATASETS, RESCALINGS, TOY_DATASETS, Rescaling
 from .distributions.reverse import DECODER_VARIANCES, LEARNED_VARIANCES, VARIANCES, ReverseProcess
-from .markov import forward_guide, model as markov_model, posterior_guide
+from .markov import model as markov_model, posterior_guide
 from .nets import EMBEDDINGS, LabelledNet, MeanVarianceNets, MLPDenoiser, UNet, unet_for
 from .objectives import OBJECTIVES, SAMPLERS, get_objective, make_sampler
 from .parameterization import PREDICTIONS
@@ -543,6 +543,17 @@ class Trainer:
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         first_ok = torch.zeros((), dtype=torch.long, device=self.device)
         checked = self.step  # losses before this step are known to be finite
+        # on the CPU reading a loss costs no device round-trip: count in Python, which is cheaper
+        # than the two tensor updates per step the accelerator path needs
+        host = self.device.type == "cpu"
+        host_ok, host_bad = 0, False
+
+        def flags() -> tuple[torch.Tensor, torch.Tensor]:
+            if host:
+                first_ok.fill_(host_ok)
+                nonfinite.fill_(host_bad)
+            return first_ok, nonfinite
+
         try:
             while self.step < cfg.iterations:
                 idx = torch.randint(n, (self.local_batch,), generator=self.gen, device=self.device)
@@ -560,8 +571,7 @@ class Trainer:
                     # weights made non-finite by an unchecked step fail the next one (a distribution
                     # refusing a NaN parameter, a NaN sampling probability): report the cause
                     try:
-                        self._check_finite(checked, first_ok, nonfinite, weights=True,
-                                           across_ranks=False)
+                        self._check_finite(checked, *flags(), weights=True, across_ranks=False)
                     except TrainingError as cause:
                         raise cause from error
                     except Exception:  # the check itself failed: the first error says more
@@ -571,15 +581,19 @@ class Trainer:
                 self.step += 1
                 done_since += 1
                 loss_sum += loss.detach()
-                nonfinite |= ~torch.isfinite(loss.detach())
-                first_ok += ~nonfinite
+                if not host:
+                    nonfinite |= ~torch.isfinite(loss.detach())
+                    first_ok += ~nonfinite
+                elif not host_bad:
+                    host_bad = not math.isfinite(loss.item())
+                    host_ok += not host_bad
                 bar.update(1)
                 log_now = self.step % cfg.log_every == 0 or self.step == cfg.iterations
                 save_now = self.step % cfg.checkpoint_every == 0 or self.step == cfg.iterations
                 if not (log_now or save_now):
                     continue
-                self._check_finite(checked, first_ok, nonfinite, weights=save_now)
-                checked = self.step
+                self._check_finite(checked, *flags(), weights=save_now)
+                checked, host_ok = self.step, 0
                 first_ok.zero_()
                 if log_now:
                     elapsed = time.perf_counter() - t0

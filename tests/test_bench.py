@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from pdiff import bench
+from pdiff import bench, bench_baselines
 
 
 def _timings(rows):
@@ -77,7 +77,7 @@ def test_hand_loop_does_the_same_arithmetic(objective, image):
     data = torch.rand((6,) + shape) * 2 - 1
     data = quantize(data, 17) if image else data
     model = build_model(cfg, net, 17 if image else None)
-    hand = bench.HandLoop(cfg, net, data, 17 if image else None, torch.device("cpu"))
+    hand = bench_baselines.HandLoop(cfg, net, data, 17 if image else None, torch.device("cpu"))
     hand.gen = torch.Generator().manual_seed(3)
     got = hand.loss(data)
     want = get_objective(objective)(model, data, sampler=UniformSampler(T),

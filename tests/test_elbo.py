@@ -333,3 +333,17 @@ def test_full_bound_rows_are_step_terms_at_their_own_draws():
         want = step_term(p, x0_rep, xt, t).reshape(N, T)
     torch.testing.assert_close(bound.terms, want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(bound.prior, prior_term(p, x0), rtol=0, atol=0)
+
+
+def test_off_grid_data_refused_once_per_call():
+    """The hot paths skip the decoder's support check; the public entry points make it once."""
+    T = 5
+    p = random_net_model("learned_range", "discretized", T)
+    x0 = quantize(torch.rand(4, 3, generator=gen(46)) * 2 - 1, 17)
+    off = x0 + 0.01
+    t = torch.tensor([1, 2, 3, 4])
+    for call in (lambda x: full_bound(p, x), lambda x: step_term(p, x, x, t),
+                 lambda x: sampled_bound(p, x, t, torch.ones(4))):
+        call(x0)
+        with pytest.raises(ValueError, match="17 levels"):
+            call(off)

@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from pdiff.schedules import SCHEDULES, NoiseSchedule, make_schedule, spaced_steps
+from pdiff.schedules import GATHERED, SCHEDULES, NoiseSchedule, make_schedule, spaced_steps
 
 EPS = torch.finfo(torch.float64).eps
 TS = (1, 10, 1000)
@@ -279,20 +279,26 @@ def test_at_broadcasts(shape, event_dims):
 
 
 def test_at_gathers_again_when_t_changes():
-    """``at`` keeps its last gather per entry for the same t tensor, and only while t is unchanged:
-    a new tensor, an in-place change or another dtype gathers afresh."""
+    """``at`` gathers the entries of GATHERED together once per t tensor, and only while t is
+    unchanged: another tensor, an in-place change, another dtype or event_dims gathers afresh."""
     s = make_schedule("linear", 10)
     like = torch.zeros(3, 2)
+
+    def want(name, t, d=1):
+        return getattr(s, name)[t].reshape(t.shape + (1,) * d)
+
     t = torch.tensor([1, 5, 10])
-    first = s.at("alpha_bar", t, like, 1)
-    assert s.at("alpha_bar", t, like, 1) is first
-    torch.testing.assert_close(first, s.alpha_bar[t][:, None], rtol=0, atol=0)
+    for name in GATHERED + ("betas", "alphas"):
+        torch.testing.assert_close(s.at(name, t, like, 1), want(name, t), rtol=0, atol=0)
     t[0] = 7
-    torch.testing.assert_close(s.at("alpha_bar", t, like, 1), s.alpha_bar[t][:, None], rtol=0, atol=0)
+    torch.testing.assert_close(s.at("alpha_bar", t, like, 1), want("alpha_bar", t), rtol=0, atol=0)
     other = torch.tensor([2, 2, 2])
-    torch.testing.assert_close(s.at("alpha_bar", other, like, 1), s.alpha_bar[other][:, None])
-    assert s.at("alpha_bar", other, like.float(), 1).dtype == torch.float32
-    assert s.at("alpha_bar", other, like, 2).shape == (3, 1, 1)
+    torch.testing.assert_close(s.at("log_beta", other, like, 1), want("log_beta", other))
+    assert s.at("log_beta", other, like.float(), 1).dtype == torch.float32
+    assert s.at("log_beta", other, like, 2).shape == (3, 1, 1)
+    grid = torch.tensor([[1, 2], [3, 4]])
+    torch.testing.assert_close(s.at("beta_tilde", grid, torch.zeros(2, 2, 5), 1),
+                               want("beta_tilde", grid))
     with torch.inference_mode():
         frozen = torch.tensor([3, 4, 5])
-        torch.testing.assert_close(s.at("alpha_bar", frozen, like, 1), s.alpha_bar[frozen][:, None])
+        torch.testing.assert_close(s.at("alpha_bar", frozen, like, 1), want("alpha_bar", frozen))

@@ -46,7 +46,8 @@ class DiagNormal(dist.TorchDistribution):
                              f"dimensions, got shape {tuple(shape)}")
         split = len(shape) - event_dims
         super().__init__(shape[:split], shape[split:], validate_args=validate_args)
-        if variance is not None and self._validate_args and not constraints.positive.check(variance).all():
+        if (variance is not None and self._validate_args
+                and not constraints.positive.check(variance).all()):
             raise ValueError("Expected parameter variance to be positive, found invalid values")
 
     @constraints.dependent_property
@@ -105,7 +106,8 @@ class DiagNormal(dist.TorchDistribution):
 def _kl_diag_normal(q: DiagNormal, p: DiagNormal) -> torch.Tensor:
     r"""KL(q || p) = 1/2 sum_i [v_p - v_q - 1 + (sigma_q^2 + (mu_q - mu_p)^2) / sigma_p^2]."""
     if q.event_shape != p.event_shape:
-        raise ValueError(f"KL between event shapes {tuple(q.event_shape)} and {tuple(p.event_shape)}")
+        raise ValueError(f"KL between event shapes {tuple(q.event_shape)} and "
+                         f"{tuple(p.event_shape)}")
     d = q.loc - p.loc
     kl = 0.5 * ((q._variance + d * d) * p.precision + (p.log_variance - q.log_variance) - 1)
     return _sum_rightmost(kl, q.event_dims)
@@ -129,5 +131,5 @@ def diag_normal(loc: torch.Tensor, variance: torch.Tensor | None = None, *,
 
 def standard_normal(like: torch.Tensor, event_dims: int) -> DiagNormal:
     """p(x_T) = N(0, I) with the batch and event shape of ``like``."""
-    zeros = like.new_zeros(()).expand(like.shape)
-    return DiagNormal(zeros, zeros, event_dims, validate_args=False)
+    zero = like.new_zeros(())
+    return DiagNormal(zero.expand(like.shape), zero, event_dims, validate_args=False)

@@ -215,7 +215,8 @@ class ReverseProcess:
         return ReverseOutput(self, xt, t, pred, var_out)
 
     def _network_steps(self, t: torch.Tensor) -> torch.Tensor:
-        """The network's steps for a respaced chain: ``timestep_map[t]`` (the map kept per device)."""
+        """The network's steps on a respaced chain: ``timestep_map[t]`` (the map kept per
+        device)."""
         if t.device not in self._maps:
             self._maps[t.device] = self.timestep_map.to(t.device)
         return self._maps[t.device][t]
@@ -225,7 +226,7 @@ class ReverseProcess:
         if self.variance in FIXED_VARIANCES:
             key = (xt.device, xt.dtype)
             if key not in self._fixed_cache:
-                self._fixed_cache[key] = self._fixed_log_variance.to(device=xt.device, dtype=xt.dtype)
+                self._fixed_cache[key] = self._fixed_log_variance.to(xt.device, xt.dtype)
             table = self._fixed_cache[key]
             return table.index_select(0, t.reshape(-1)).reshape(t.shape + (1,) * d).expand_as(xt)
         if self.variance == "learned":
@@ -258,8 +259,8 @@ class ReverseProcess:
                 detach_mean: bool = False, validate_args: bool | None = None):
         """p_theta(x_0 | x_1): the Gaussian transition at t = 1, or its discretization to K levels.
 
-        ``validate_args`` applies to the Gaussian; the discretized decoder always checks that x_0
-        lies on its K levels (the data's own grid), as torch's default does."""
+        ``validate_args`` as in ``torch.distributions`` (the discretized decoder then checks that
+        x_0 lies on its K levels)."""
         if out is None:
             t = torch.ones(x1.shape[: x1.dim() - self.event_dims], dtype=torch.long, device=x1.device)
             out = self.output(x1, t)
@@ -268,5 +269,6 @@ class ReverseProcess:
                                    validate_args=validate_args)
         mean = out.mean.detach() if detach_mean else out.mean
         scale = torch.exp(0.5 * out.log_variance)
-        return DiscretizedGaussian(mean, scale, self.num_levels).to_event(self.event_dims)
+        return DiscretizedGaussian(mean, scale, self.num_levels,
+                                   validate_args=validate_args).to_event(self.event_dims)
 

@@ -1,4 +1,4 @@
-r"""The whole reverse chain p_theta(x_{1:T}) as one distribution, evaluated with one network call."""
+r"""The whole reverse chain p_theta(x_{1:T}) as one distribution, one network call per log_prob."""
 from __future__ import annotations
 
 import torch
