@@ -35,6 +35,7 @@ class HandLoop:
                  num_levels: int | None, device):
         self.cfg, self.net, self.data = cfg, net, data
         self.ema = copy.deepcopy(net).requires_grad_(False)
+        self.params, self.ema_params = list(net.parameters()), list(self.ema.parameters())
         self.opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
         self.num_levels, self.step, self.device = num_levels, 0, device
@@ -135,8 +136,7 @@ class HandLoop:
             self.opt.step()
             decay = min(cfg.ema_decay, (1 + self.step) / (10 + self.step))
             with torch.no_grad():
-                for e, p in zip(self.ema.parameters(), self.net.parameters()):
-                    e.lerp_(p, 1 - decay)
+                torch._foreach_lerp_(self.ema_params, self.params, 1 - decay)
             self.step += 1
 
 

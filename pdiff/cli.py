@@ -547,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:  # its own options: pdiff bench --help
         from .bench import main as bench_main
 
-        return bench_main(argv[1:])
+        return bench_main(argv[1:], prog="pdiff bench")
     args = parser.parse_args(argv)
     args.command_line = "pdiff " + " ".join(shlex.quote(a) for a in argv)
     warnings.formatwarning = lambda message, category, *_: f"pdiff {args.command}: warning: {message}\n"

@@ -79,6 +79,15 @@ class NoiseSchedule:
         return out
 
     @property
+    def final_alpha_bar(self) -> tuple[float, float]:
+        """(alpha_bar_T, log(1 - alpha_bar_T)) as Python floats, computed once (L_T's constants)."""
+        value = self._cache.get("final_alpha_bar")
+        if value is None:
+            ab = float(self.alpha_bar[-1])
+            value = self._cache["final_alpha_bar"] = (ab, math.log1p(-ab))
+        return value
+
+    @property
     def snr(self) -> torch.Tensor:
         """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t) (index 0: inf)."""
         return self.alpha_bar / (1 - self.alpha_bar)

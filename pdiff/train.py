@@ -338,6 +338,8 @@ class Trainer:
         self.train_y = data.train_labels.to(self.device) if cfg.class_cond else None
         self.net = build_net(cfg, self.event_shape, self.num_classes).to(self.device, torch.float32)
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
+        # the EMA pairs, listed once (state_dict loads copy into these same tensors)
+        self._ema_pairs = (list(self.ema.parameters()), list(self.net.parameters()))
         if self.rank > 0:  # dropout masks differ across ranks; rank 0 keeps the one-process stream
             torch.manual_seed(distributed.rank_seed(cfg.seed))
         self.model = build_model(cfg, self._training_net(), self.num_levels)
@@ -500,8 +502,7 @@ class Trainer:
     def _update_ema(self) -> None:
         decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
         with torch.no_grad():
-            for e, p in zip(self.ema.parameters(), self.net.parameters()):
-                e.lerp_(p, 1 - decay)
+            torch._foreach_lerp_(*self._ema_pairs, 1 - decay)  # e += (1 - decay) (p - e), fused
 
     def _check_finite(self, since: int, first_ok: torch.Tensor, nonfinite: torch.Tensor,
                       weights: bool, across_ranks: bool = True) -> None:

@@ -347,3 +347,16 @@ def test_off_grid_data_refused_once_per_call():
         call(x0)
         with pytest.raises(ValueError, match="17 levels"):
             call(off)
+
+
+def test_prior_term_is_the_kl_of_the_distributions():
+    """prior_term (written out for speed) equals kl_divergence(q(x_T | x_0), N(0, I)) computed by
+    torch's own Normal, for vector and image-shaped events."""
+    from torch.distributions import Independent, Normal
+    for event_shape in ((3,), (1, 2, 2)):
+        p = smooth_model(20, "fixed_small", event_dims=len(event_shape))
+        x0 = torch.randn((5,) + event_shape, generator=gen(6), dtype=torch.float64)
+        ab = p.schedule.alpha_bar[-1]
+        q = Independent(Normal(ab.sqrt() * x0, (1 - ab).sqrt().expand_as(x0)), len(event_shape))
+        prior = Independent(Normal(torch.zeros_like(x0), torch.ones_like(x0)), len(event_shape))
+        torch.testing.assert_close(prior_term(p, x0), kl_divergence(q, prior), rtol=1e-12, atol=1e-14)

@@ -186,3 +186,19 @@ def test_precision_and_compile_options(tmp_path, capsys, monkeypatch):
     assert main(base + ["--out", str(tmp_path / "y"), "--compile"]) == 2
     assert "--compile needs torch.compile" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
+
+
+def test_ema_follows_its_recurrence(tmp_path):
+    """After step s (from 0) the EMA is d_s e + (1 - d_s) w with d_s = min(decay, (1 + s)/(10 + s))
+    and w the weights just updated: checked step by step against the trainer's own weights."""
+    trainer = Trainer(tiny(iterations=3, ema_decay=0.15), tmp_path)
+    want = [p.detach().clone() for p in trainer.ema.parameters()]
+    for s in range(3):
+        trainer.cfg.iterations = s + 1
+        trainer.train(progress=False)
+        d = min(0.15, (1 + s) / (10 + s))
+        want = [d * e + (1 - d) * w.detach() for e, w in zip(want, trainer.net.parameters())]
+        for got, expected in zip(trainer.ema.parameters(), want):
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+    assert not all(torch.equal(e, w) for e, w in zip(trainer.ema.parameters(),
+                                                     trainer.net.parameters()))

@@ -203,10 +203,23 @@ class UNet(nn.Module):
 
     def forward(self, xt: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None):
         """The prediction at (x_t, t[, y]): xt (B, C, H, W) of any float dtype, t long (B,) or a
-        scalar, y long (B,) or None; returns (B, C * out_multiplier, H, W) in xt's dtype."""
-        if xt.dim() != 4 or xt.shape[1] != self.in_channels:
+        scalar, y long (B,) or None; returns (B, C * out_multiplier, H, W) in xt's dtype.
+
+        Several batch dimensions (B1, ..., Bk, C, H, W), as the trajectory objective's (N, T)
+        steps, are flattened into one: t broadcasts to (B1, ..., Bk), y (one label per example,
+        shape (B1,)) to it from the left."""
+        if xt.dim() < 4 or xt.shape[-3] != self.in_channels:
             raise ValueError(f"xt must have shape (B, {self.in_channels}, H, W), "
                              f"got {tuple(xt.shape)}")
+        if xt.dim() > 4:
+            batch = xt.shape[:-3]
+            n = batch.numel()
+            t = torch.as_tensor(t, device=xt.device).expand(batch).reshape(n)
+            if y is not None:
+                y = torch.as_tensor(y, device=xt.device)
+                y = y.reshape(y.shape + (1,) * (len(batch) - y.dim())).expand(batch).reshape(n)
+            out = self.forward(xt.reshape((n,) + xt.shape[-3:]), t, y)
+            return out.reshape(batch + out.shape[1:])
         if xt.shape[-1] % self.factor or xt.shape[-2] % self.factor:
             raise ValueError(f"H and W must be divisible by {self.factor}, "
                              f"got {tuple(xt.shape[-2:])}")

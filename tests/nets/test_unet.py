@@ -123,6 +123,20 @@ def test_scalar_t_is_broadcast():
     torch.testing.assert_close(net(x, torch.tensor(7)), net(x, torch.full((3,), 7)))
 
 
+def test_several_batch_dimensions_are_flattened():
+    """(N, T, C, H, W) with t (N, T) and one label per example gives each (x, t, y) its own
+    prediction, as a flat batch would: the trajectory objective's shape."""
+    net = perturb_(tiny(num_classes=3)).eval()
+    x = torch.randn(2, 3, 1, 8, 8)
+    t = torch.randint(0, 1000, (2, 3))
+    y = torch.tensor([0, 2])
+    got = net(x, t, y)
+    assert got.shape == (2, 3, 1, 8, 8)
+    flat = net(x.reshape(6, 1, 8, 8), t.reshape(6), y.repeat_interleave(3))
+    torch.testing.assert_close(got, flat.reshape(2, 3, 1, 8, 8))
+    torch.testing.assert_close(net(x, torch.tensor(5)), net(x, torch.full((2, 3), 5)))
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(image_size=10, channel_mults=(1, 2, 2)), "divisible by 2\\*\\*"),
     (dict(groups=3), "valid groups: \\[1, 2, 4, 8\\]"),
