@@ -11,6 +11,7 @@ from typing import Callable
 
 from pdiff.compare import GridSpec, compare, results_table
 from pdiff.run_data import is_image_data
+from pdiff.runtime import tune_allocator
 
 
 def quick(spec: GridSpec) -> GridSpec:
@@ -41,6 +42,7 @@ def main(name: str, doc: str, spec: Callable[[bool], GridSpec], argv: list[str] 
     results into ``--out``, the table on stdout, a mistake as one line on stderr with exit
     code 2, exit code 1 if no run finished."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    tune_allocator()  # as pdiff's command line does (pdiff.runtime)
     parser = argparse.ArgumentParser(prog=f"python experiments/{name}.py",
                                      description=" ".join(doc.split("\n\n")[0].split()))
     parser.add_argument("--out", default=str(Path("runs") / name), metavar="DIR",

@@ -38,6 +38,7 @@ from typing import Callable
 import torch
 
 from .bench_baselines import HandLoop, chain_mean_field_bound
+from .runtime import tune_allocator
 from .distributions.discretized import quantize
 from .elbo import full_bound
 from .nets import UNet, unet_for
@@ -590,6 +591,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
 def main(argv: list[str] | None = None, prog: str = "python -m pdiff.bench") -> int:
     """The command line (``pdiff bench`` passes ``prog="pdiff bench"``); returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    tune_allocator()  # as the command line does, for both sides of every ratio
     args = parser(prog).parse_args(argv)
     report = run(args, prog + "".join(" " + shlex.quote(a) for a in argv))
     md_path, json_path = Path(args.out_md), Path(args.out_json)

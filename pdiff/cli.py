@@ -23,6 +23,7 @@ from .compare import draw_samples, evaluate_run
 from .evaluation import bound_report
 from .run_data import is_image_data
 from . import distributed
+from .runtime import tune_allocator
 from .train import (ENGINES, IMAGE_DEFAULTS, NETS, PRECISIONS, TrainConfig, Trainer, TrainingError,
                     load_run, wrap_precision)
 from .oracle import MixtureDenoiser
@@ -542,6 +543,7 @@ def _report(message: str, error: Exception) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_allocator()  # freed activations stay in the process (see pdiff.runtime)
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # its own options: pdiff bench --help

@@ -32,6 +32,7 @@ from .data import entropy_mc, get_toy, has_exact_density, toy_split
 from .evaluation import bound_report
 from .metrics import energy_distance, sliced_wasserstein
 from .run_data import is_image_data, load_run_data
+from .runtime import allocator_tuned, tune_allocator
 from .sampling import ancestral_sample
 from .train import CHECKPOINT, Run, TrainConfig, Trainer, atomic_write_text, load_run
 
@@ -217,6 +218,12 @@ def _finished(run_dir: Path, cfg: TrainConfig, eval_samples: int, metric_samples
     return saved if same and same_eval and saved.get("status") == "ok" else None
 
 
+def _worker_init(tune: bool) -> None:
+    """A pool worker's start: the allocator as in the parent (``pdiff.runtime``)."""
+    if tune:
+        tune_allocator()
+
+
 def run_one(name: str, cell: dict, cfg: TrainConfig, run_dir: str | Path, *, eval_samples: int,
             metric_samples: int, resume: bool, force: bool, threads: int | None = None,
             dtype: torch.dtype | None = None,
@@ -274,7 +281,8 @@ def run_grid(spec: GridSpec, out: str | Path, *, jobs: int = 1, resume: bool = F
                 on_result(records[name], len(records), len(runs))
     else:
         threads = max(1, (os.cpu_count() or 1) // jobs)
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"),
+                                 initializer=_worker_init, initargs=(allocator_tuned(),)) as pool:
             futures = {pool.submit(run_one, name, cell, cfg, root / name, threads=threads,
                                    dtype=torch.get_default_dtype(), **kw): name
                        for name, cell, cfg in runs}
