@@ -250,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--grid", action="append", default=[], metavar="OPTION=V1,V2",
                     help="also vary another training option, e.g. --grid schedule=linear,cosine "
                     "(repeatable; not together with that option's own flag)")
+    co.add_argument("--exclude", action="append", default=[], metavar="OPTION=V[,OPTION=V]",
+                    help="leave out the grid's cells with these values, e.g. --exclude "
+                    "objective=simple,variance=learned_range (repeatable)")
     co.add_argument("--seeds", type=_positive_int, default=3, help="seeds 0..N-1 (default: 3)")
     co.add_argument("--jobs", type=_positive_int, default=None,
                     help="runs trained at once in worker processes (default: the CPU count)")
@@ -507,6 +510,27 @@ def _grid_axes(items: list[str]) -> dict[str, tuple]:
     return axes
 
 
+def _grid_exclusions(items: list[str], axes: dict[str, tuple]) -> tuple[dict, ...]:
+    """``["objective=simple,variance=learned_range"]`` -> partial cells, values typed as the axes'."""
+    out = []
+    for item in items:
+        cell = {}
+        for pair in item.split(","):
+            name, sep, value = pair.partition("=")
+            name = name.strip().replace("-", "_")
+            if not sep or not value.strip() or name not in axes:
+                raise UserError(f"--exclude {item!r}: expected OPTION=VALUE[,OPTION=VALUE...] over "
+                                f"the grid's axes ({', '.join(axes)}), such as "
+                                "objective=simple,variance=learned_range")
+            kind = type(axes[name][0])
+            try:
+                cell[name] = _grid_value(kind, value.strip())
+            except ValueError:
+                raise UserError(f"--exclude {item!r}: {name} takes {kind.__name__} values") from None
+        out.append(cell)
+    return tuple(out)
+
+
 def cmd_compare(args) -> int:
     from .compare import GridSpec, compare, results_table
 
@@ -522,7 +546,7 @@ def cmd_compare(args) -> int:
     # sampling images costs T U-Net passes per batch: fewer samples by default
     metric = args.metric_samples if args.metric_samples is not None else (256 if image else 1000)
     spec = GridSpec(base, axes, tuple(range(args.seeds)), eval_samples=args.eval_samples,
-                    metric_samples=metric)
+                    metric_samples=metric, exclude=_grid_exclusions(args.exclude, axes))
     result = compare(spec, args.out, jobs=args.jobs, resume=args.resume, force=args.force,
                      figures=not args.no_figures, command=args.command_line, log=sys.stderr)
     print(results_table(result.rows, image=image))

@@ -144,6 +144,9 @@ class GridSpec:
     axis a ``TrainConfig`` field, such as ``objective`` or ``schedule``), for each seed.
 
     A cell is one combination (a dict field -> value); its runs differ only in the seed.
+    ``exclude`` leaves out every cell that agrees with one of its partial cells on all the fields
+    that one names: ``({"objective": "simple", "variance": "learned_range"},)`` drops L_simple
+    with a variance it does not train, whatever the other axes.
     """
 
     base: TrainConfig
@@ -151,6 +154,7 @@ class GridSpec:
     seeds: tuple[int, ...]
     eval_samples: int = 2000
     metric_samples: int = 1000
+    exclude: tuple[dict, ...] = ()
 
     def __post_init__(self):
         known = {f.name for f in fields(TrainConfig)} - {"seed", "data"}
@@ -164,6 +168,15 @@ class GridSpec:
         if not self.seeds:
             raise ValueError("a grid needs at least one seed")
         self.axes = {k: tuple(v) for k, v in self.axes.items()}
+        self.exclude = tuple(dict(e) for e in self.exclude)
+        for e in self.exclude:
+            wrong = [f"{k}={v!r}" for k, v in e.items() if k not in self.axes or v not in self.axes[k]]
+            if not e or wrong:
+                raise ValueError(f"an excluded cell must name values of the grid's axes "
+                                 f"({', '.join(f'{k}: {list(v)}' for k, v in self.axes.items())}); "
+                                 f"got {', '.join(wrong) or 'nothing'}")
+        if not self.cells():
+            raise ValueError("the excluded cells leave no cell of the grid to run")
         # a repeated value would give two runs one name and one directory
         twice = [f"{k} {list(v)}" for k, v in self.axes.items() if len(set(v)) != len(v)]
         if twice or len(set(self.seeds)) != len(self.seeds):
@@ -171,7 +184,10 @@ class GridSpec:
                              + "; ".join(twice or [f"seeds {list(self.seeds)}"]))
 
     def cells(self) -> list[dict]:
-        return [dict(zip(self.axes, values)) for values in itertools.product(*self.axes.values())]
+        """Every combination of the axes' values, less the excluded ones."""
+        cells = [dict(zip(self.axes, values)) for values in itertools.product(*self.axes.values())]
+        return [c for c in cells if not any(all(c[k] == v for k, v in e.items())
+                                            for e in self.exclude)]
 
     @staticmethod
     def label(cell: dict) -> str:
@@ -349,6 +365,8 @@ def compare(spec: GridSpec, out: str | Path, *, jobs: int | None = None, resume:
     jobs = jobs or min(os.cpu_count() or 1, len(runs))
     say = (lambda msg: print(msg, file=log, flush=True)) if log is not None else (lambda msg: None)
     shape = " x ".join(f"{len(v)} {k}" for k, v in spec.axes.items())
+    if spec.exclude:
+        shape = f"{len(spec.cells())} cells of {shape}"
     say(f"pdiff compare: {len(runs)} runs ({shape} x {len(spec.seeds)} seeds) on {spec.base.data}, "
         f"{spec.base.iterations} iterations each, {jobs} at a time")
     start = time.perf_counter()
@@ -493,7 +511,7 @@ def write_results(out: str | Path, spec: GridSpec, records: list[dict], rows: li
     info = machine_info()
     doc = {"command": command, "machine": info, "wall_seconds": wall_seconds,
            "base_config": asdict(spec.base), "axes": {k: list(v) for k, v in spec.axes.items()},
-           "seeds": list(spec.seeds),
+           "seeds": list(spec.seeds), "exclude": list(spec.exclude),
            "eval_samples": spec.eval_samples, "metric_samples": spec.metric_samples,
            "entropy_nats": entropy[0], "entropy_stderr": entropy[1],
            "summary": rows, "runs": records,
@@ -509,6 +527,7 @@ def write_results(out: str | Path, spec: GridSpec, records: list[dict], rows: li
           + (f", {info['cuda']}" if info["cuda"] else "") + f"); {wall_seconds / 60:.1f} min wall.", "",
           f"Data entropy H: {ent}. Grid: " + "; ".join(f"{k} in {{{', '.join(map(str, v))}}}"
                                                       for k, v in spec.axes.items())
+          + "".join(f", without {'/'.join(map(str, e.values()))}" for e in spec.exclude)
           + f"; seeds {', '.join(map(str, spec.seeds))}. Fixed: " + ", ".join(
               f"{k} {v}" for k, v in asdict(b).items()
               if k not in spec.axes and k not in ("seed", "log_every", "checkpoint_every", "data"))

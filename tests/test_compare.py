@@ -154,6 +154,35 @@ def test_grid_cells_names_and_configurations():
         assert cfg.timesteps == 5  # the base is kept
 
 
+def test_excluded_cells_are_left_out():
+    """A partial cell drops every cell agreeing with it on the fields it names, whatever the
+    other axes say; the rest keep their order and names."""
+    axes = {"objective": ("simple", "vlb"), "variance": ("fixed_large", "learned_range"),
+            "schedule": ("linear", "cosine")}
+    spec = GridSpec(tiny(), axes, (0,), eval_samples=50, metric_samples=50,
+                    exclude=({"objective": "simple", "variance": "learned_range"},
+                             {"schedule": "cosine", "objective": "vlb"}))
+    full = GridSpec(tiny(), axes, (0,), eval_samples=50, metric_samples=50).cells()
+    want = [c for c in full
+            if not (c["objective"] == "simple" and c["variance"] == "learned_range")
+            and not (c["objective"] == "vlb" and c["schedule"] == "cosine")]
+    assert spec.cells() == want and len(want) == 4
+    assert [n for n, _, _ in spec.configs()] == [
+        "simple-fixed_large-linear-s0", "simple-fixed_large-cosine-s0",
+        "vlb-fixed_large-linear-s0", "vlb-learned_range-linear-s0"]
+
+
+@pytest.mark.parametrize("exclude, message", [
+    (({"objective": "trajectory"},), "must name values of the grid's axes"),
+    (({"schedule": "linear"},), "must name values of the grid's axes.*schedule='linear'"),
+    (({},), "got nothing"),
+    (({"objective": "simple"}, {"objective": "vlb"}), "leave no cell"),
+])
+def test_invalid_exclusions_are_refused(exclude, message):
+    with pytest.raises(ValueError, match=message):
+        GridSpec(tiny(), {"objective": ("simple", "vlb")}, (0,), exclude=exclude)
+
+
 @pytest.mark.parametrize("axes, seeds, kw, message", [
     ({"seed": (0, 1)}, (0,), {}, "cannot vary 'seed'"),
     ({"nope": (1,)}, (0,), {}, "cannot vary 'nope'"),
@@ -449,13 +478,19 @@ def test_compare_refuses_a_non_empty_out_and_changes_nothing(tmp_path, capsys):
     (["--eval-samples", "201"], "must not exceed the test split"),
     (["--grid", "test_size=200,40"], r"(40 points)"),
     (["--grid", "hidden=8,16"], "--hidden given both as an option and in --grid"),
+    (["--exclude", "objective=simple"], "leave no cell"),
+    (["--exclude", "objective=vlb"], "must name values of the grid's axes"),
+    (["--exclude", "nope=1"], "expected OPTION=VALUE[,OPTION=VALUE...] over the grid's axes"),
+    (["--exclude", "objective"], "expected OPTION=VALUE"),
+    (["--grid", "depth=1,2", "--exclude", "depth=x"], "depth takes int values"),
 ])
 def test_compare_mistakes_exit_2_before_writing_anything(tmp_path, capsys, extra, message):
     out = tmp_path / "out"
     tiny = list(TINY_ARGS)
-    if "test_size=200,40" in extra:  # the grid sets it: not also as an option
-        i = tiny.index("--test-size")
-        del tiny[i:i + 2]
+    for grid, option in (("test_size=200,40", "--test-size"), ("depth=1,2", "--depth")):
+        if grid in extra:  # the grid sets it: not also as an option
+            i = tiny.index(option)
+            del tiny[i:i + 2]
     code, _, err = cli(["compare", "--out", str(out), "--objectives", "simple", "--variances",
                         "fixed_large", "--seeds", "1", "--jobs", "1", "--no-figures", *tiny,
                         *extra], capsys)
