@@ -1,6 +1,8 @@
 """The trainer: exact resume, atomic checkpoints, refusals that overwrite nothing."""
 import json
 import math
+import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -186,6 +188,26 @@ def test_precision_and_compile_options(tmp_path, capsys, monkeypatch):
     assert main(base + ["--out", str(tmp_path / "y"), "--compile"]) == 2
     assert "--compile needs torch.compile" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
+
+
+@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")),
+                    reason="torch.compile's CPU backend needs a C compiler")
+def test_compiled_training_computes_what_eager_does(tmp_path):
+    """A real torch.compile (inductor on the CPU): the same seeded steps give the same weights as
+    the eager run to float32 rounding, and the checkpoint holds the plain network's names."""
+    from pdiff.train import _compile_supported
+    if not _compile_supported():
+        pytest.skip("torch.compile is not supported here")
+    cfg = tiny(iterations=3, log_every=3, checkpoint_every=3)
+    eager = Trainer(cfg, tmp_path / "eager")
+    eager.train(progress=False)
+    compiled = Trainer(replace(cfg, compile=True), tmp_path / "compiled")
+    compiled.train(progress=False)
+    a, b = weights(tmp_path / "eager"), weights(tmp_path / "compiled")
+    for part in ("net", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            torch.testing.assert_close(a[part][k], b[part][k], rtol=1e-4, atol=1e-6)
 
 
 def test_ema_follows_its_recurrence(tmp_path):
