@@ -25,7 +25,7 @@ from .run_data import is_image_data
 from . import distributed
 from .runtime import tune_allocator
 from .train import (ENGINES, IMAGE_DEFAULTS, NETS, PRECISIONS, TrainConfig, Trainer, TrainingError,
-                    load_run, wrap_precision)
+                    check_device, load_run, wrap_precision)
 from .oracle import MixtureDenoiser
 from .schedules import SCHEDULES, NoiseSchedule, make_schedule
 from .distributions.reverse import ReverseProcess
@@ -92,9 +92,12 @@ def _oracle_model(args, data):
 
 
 def cmd_evaluate(args) -> int:
-    distributed.init("cpu")  # under torchrun each rank evaluates a slice of the test points
     if args.checkpoint:
         return _evaluate_checkpoint(args)
+    distributed.init("cpu")  # under torchrun each rank evaluates a slice of the test points
+    if args.device != "cpu":
+        raise UserError("--device applies to a trained network (--checkpoint); the oracle is "
+                        "evaluated in float64 on the CPU")
     if args.precision != "fp32":
         raise UserError("--precision applies to a trained network (--checkpoint); the oracle is "
                         "evaluated in float64")
@@ -122,8 +125,9 @@ def cmd_evaluate(args) -> int:
 
 
 def _evaluate_checkpoint(args) -> int:
-    run = _load_run_with_data_dir(args)
-    run.model = run.model.replace(net=wrap_precision(run.model.net, args.precision, "cpu"))
+    # under torchrun each rank evaluates a slice of the test points (on cuda:LOCAL_RANK with cuda)
+    run = _load_run_with_data_dir(args, distributed.init(check_device(args.device)))
+    run.model = run.model.replace(net=wrap_precision(run.model.net, args.precision, run.device.type))
     cfg = run.config
     dim = run.rescaling.shift.numel()
     x = None
@@ -201,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "the dataset's files are (default: the run's own --data-dir)")
     ev.add_argument("--precision", choices=PRECISIONS, default="fp32",
                     help="with --checkpoint: bf16 runs the network under bfloat16 autocast")
+    ev.add_argument("--device", default="cpu", metavar="cpu|cuda",
+                    help="with --checkpoint: where the network evaluates the bound (under torchrun "
+                    "cuda is each rank's own GPU)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=cmd_evaluate)
@@ -230,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--guidance", type=float, default=0.0, metavar="W",
                     help="classifier-free guidance scale w >= 0 with --label (default 0: the "
                     "conditional model as trained)")
+    sa.add_argument("--device", default="cpu", metavar="cpu|cuda",
+                    help="where the chain runs (a seed gives the same samples on the same kind "
+                    "of device)")
     sa.add_argument("--seed", type=int, default=0)
     sa.add_argument("--force", action="store_true", help="overwrite existing output files")
     sa.set_defaults(func=cmd_sample)
@@ -434,8 +444,8 @@ def os_access_w(folder: Path) -> bool:
     return os.access(folder, os.W_OK)
 
 
-def _load_run_with_data_dir(args):
-    run = load_run(args.checkpoint)
+def _load_run_with_data_dir(args, device: str | torch.device = "cpu"):
+    run = load_run(args.checkpoint, device=device)
     if getattr(args, "data_dir", None):
         run.config = replace(run.config, data_dir=args.data_dir)
     return run
@@ -446,7 +456,7 @@ def cmd_sample(args) -> int:
     figure = Path(args.figure) if args.figure else None
     if figure is not None and figure.suffix != ".png":
         raise UserError(f"--figure {args.figure!r}: expected a .png file")
-    run = _load_run_with_data_dir(args)
+    run = _load_run_with_data_dir(args, args.device)
     image = is_image_data(run.config.data)
     formats = IMAGE_SAMPLE_FORMATS if image else SAMPLE_FORMATS
     if out.suffix not in formats:

@@ -47,6 +47,8 @@ def draw_samples(run: Run, num: int, *, seed: int = 0, sampling_timesteps: int |
                  guidance: float = 0.0) -> torch.Tensor:
     """``num`` ancestral samples of a run's model, in the data's own units (rescaling undone),
     float64 on the CPU. ``sampling_timesteps`` respaces the chain (evenly spaced steps, T kept).
+    The chain runs where the run's network is (``load_run(device=...)``), its noise drawn from a
+    generator there seeded ``seed``: a seed gives the same samples on the same kind of device.
 
     A class-conditional run samples p(x) (the null label) unless ``labels`` (``num`` of them, or
     one for all) are given; ``guidance`` w >= 0 is the classifier-free guidance scale
@@ -71,7 +73,8 @@ def draw_samples(run: Run, num: int, *, seed: int = 0, sampling_timesteps: int |
             raise ValueError(f"sampling timesteps must be in 1..{model.num_timesteps} (the run's "
                              f"T), got {sampling_timesteps}")
         model = model.respaced(spaced_steps(model.num_timesteps, sampling_timesteps))
-    gen = torch.Generator().manual_seed(seed)
+    device = run.device
+    gen = torch.Generator(device=device).manual_seed(seed)
     parts = []
     for start in range(0, num, chunk):
         n = min(chunk, num - start)
@@ -80,7 +83,7 @@ def draw_samples(run: Run, num: int, *, seed: int = 0, sampling_timesteps: int |
             net = GuidedNet(model.net, labels[start:start + n], guidance, num_classes)
             part = model.replace(net=net)
         parts.append(ancestral_sample(part, (n,) + tuple(run.event_shape), generator=gen,
-                                      dtype=torch.float32).x0)
+                                      device=device, dtype=torch.float32).x0.cpu())
     x = torch.cat(parts).double()
     return run.rescaling.invert(x)
 
@@ -94,7 +97,8 @@ def evaluate_run(run: Run, *, samples: int = 4000, seed: int = 0, metric_samples
 
     The gap to the entropy is the paired estimate over the test points (``BoundReport``). Under
     ``torchrun`` every rank calls it: the bound is sharded over the ranks (``bound_report``) and the
-    sample metrics are drawn by rank 0 alone (the other ranks' reports lack them).
+    sample metrics are drawn by rank 0 alone (the other ranks' reports lack them). The bound is
+    evaluated where the run's network is (``load_run(device=...)``).
     """
     data = load_run_data(run.config, train=False)
     density = data.density
@@ -109,9 +113,10 @@ def evaluate_run(run: Run, *, samples: int = 4000, seed: int = 0, metric_samples
                entropy_mc(density, entropy_samples, generator=torch.Generator().manual_seed(seed + 1_000_003)))
     log_px = (density.log_prob(x.to(torch.get_default_dtype()))
               if paired and density is not None and has_exact_density(density) else None)
-    gen = torch.Generator().manual_seed(distributed.rank_seed(seed))  # each rank its own draws
+    device = run.device
+    gen = torch.Generator(device=device).manual_seed(distributed.rank_seed(seed))  # each rank its own draws
     with torch.no_grad():
-        report = bound_report(run.model, run.rescaling.apply(x).float(),
+        report = bound_report(run.model, run.rescaling.apply(x).float().to(device),
                               log_jacobian=run.rescaling.log_abs_det, entropy=entropy,
                               data_log_prob=log_px, chunk_size=chunk_size, generator=gen).to_dict()
     if metric_samples > 0 and distributed.is_main():

@@ -151,8 +151,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (self.lr > 0 and 0 <= self.ema_decay < 1 and self.grad_clip > 0):
             raise ValueError("need lr > 0, 0 <= ema_decay < 1 and grad_clip > 0")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for but no CUDA device is available")
+        check_device(self.device)
         if (self.precision == "bf16" and self.device.startswith("cuda")
                 and not torch.cuda.is_bf16_supported()):
             raise ValueError("--precision bf16 needs a GPU with bfloat16 support; use fp32 here")
@@ -178,6 +177,24 @@ def _compile_supported() -> bool:
         return bool(torch._dynamo.is_dynamo_supported())
     except Exception:  # no dynamo at all in this build
         return False
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``; ``ValueError`` unless it is ``cpu``, or ``cuda`` /
+    ``cuda:N`` on a machine with that CUDA device."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {str(device)!r}; valid: cpu, cuda, cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for but no CUDA device is available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} "
+                             "CUDA device(s)")
+    return dev
 
 
 class Autocast(torch.nn.Module):
@@ -289,9 +306,19 @@ class Run:
         if self.event_shape is None:
             self.event_shape = tuple(self.rescaling.shift.shape)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the network's weights are (``load_run(device=...)``): where it is evaluated; the
+        CPU for a denoiser without parameters (such as the closed-form oracle)."""
+        params = getattr(self.model.net, "parameters", None)
+        param = next(params(), None) if params is not None else None
+        return param.device if param is not None else torch.device("cpu")
 
-def load_run(out: str | Path, *, ema: bool = True, device: str = "cpu") -> Run:
-    """Load a run directory's checkpoint; ``ValueError`` if it is missing or unreadable."""
+
+def load_run(out: str | Path, *, ema: bool = True, device: str | torch.device = "cpu") -> Run:
+    """Load a run directory's checkpoint onto ``device``; ``ValueError`` if it is missing or
+    unreadable, or if ``device`` is a CUDA device this machine lacks."""
+    check_device(device)
     path = Path(out) / CHECKPOINT
     if not path.is_file():
         raise ValueError(f"no checkpoint in {str(out)!r} (expected {path})")

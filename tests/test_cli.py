@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from pdiff.cli import main
 from pdiff.compare import draw_samples
@@ -204,6 +205,7 @@ def test_sample_mistakes_exit_2_and_overwrite_nothing(run_dir, tmp_path, capsys)
         ((run_dir, tmp_path / "s.npy", "--figure", str(tmp_path / "f.jpg")), "expected a .png"),
         ((run_dir, tmp_path / "s.npy", "--figure", str(figure)),
          f"figure {str(figure)!r} exists; pass --force"),
+        ((run_dir, tmp_path / "s.npy", "--device", "tpu"), "unknown device 'tpu'; valid: cpu, cuda"),
     ]:
         code, _, err = sample(*args)
         assert code == 2 and message in err and "Traceback" not in err, (args, err)
@@ -232,3 +234,39 @@ def test_evaluate_checkpoint_reports_sample_metrics(run_dir, capsys):
     assert code == 0 and "energy distance" in out and "sliced W2" in out
     code, _, err = run(base + ["--metric-samples", "201"], capsys)
     assert code == 2 and "metric samples (201) exceeds the run's test split (200 points)" in err
+
+
+def test_evaluate_and_sample_device(run_dir, tmp_path, capsys):
+    """``--device cpu`` is the default; a device the machine lacks, or none at all, exits 2."""
+    base = ["evaluate", "--checkpoint", str(run_dir), "--samples", "50", "--entropy-samples", "500",
+            "--metric-samples", "0", "--json"]
+    code, plain, _ = run(base, capsys)
+    code_cpu, on_cpu, _ = run(base + ["--device", "cpu"], capsys)
+    assert code == code_cpu == 0 and json.loads(plain)["nll_nats"] == json.loads(on_cpu)["nll_nats"]
+    bad = [("xpu9", "unknown device 'xpu9'; valid: cpu, cuda, cuda:N")]
+    if not torch.cuda.is_available():
+        bad.append(("cuda", "no CUDA device is available"))
+    for device, message in bad:
+        code, _, err = run(base + ["--device", device], capsys)
+        assert code == 2 and message in err and "Traceback" not in err, (device, err)
+        code, _, err = run(["sample", "--checkpoint", str(run_dir), "--num", "5", "--out",
+                            str(tmp_path / "s.npy"), "--device", device], capsys)
+        assert code == 2 and message in err and not (tmp_path / "s.npy").exists(), (device, err)
+    code, _, err = run(["evaluate", "--data", "mixture1d", "--device", "cuda", *TINY], capsys)
+    assert code == 2 and "--device applies to a trained network" in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_evaluate_and_sample_on_cuda_agree_with_the_cpu(run_dir, tmp_path, capsys):
+    """The bound is the same function wherever it runs: on the same test points the per-example
+    totals differ by their Monte Carlo noise only (different generators), so the two means agree
+    within a few of their paired standard errors."""
+    base = ["evaluate", "--checkpoint", str(run_dir), "--samples", "200", "--entropy-samples", "500",
+            "--metric-samples", "0", "--json"]
+    cpu = json.loads(run(base, capsys)[1])
+    gpu = json.loads(run(base + ["--device", "cuda"], capsys)[1])
+    se = (cpu["nll_stderr"] ** 2 + gpu["nll_stderr"] ** 2) ** 0.5
+    assert abs(cpu["nll_nats"] - gpu["nll_nats"]) < 5 * se
+    code, _, _ = run(["sample", "--checkpoint", str(run_dir), "--num", "100", "--out",
+                      str(tmp_path / "g.npy"), "--device", "cuda"], capsys)
+    assert code == 0 and np.isfinite(np.load(tmp_path / "g.npy")).all()
