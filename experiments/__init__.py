@@ -11,6 +11,6 @@ EXPERIMENTS = {
                            "T = 250",
     "moons_polynomial": "2D moons scaled to [-1, 1], T = 10, polynomial schedule",
     "digits_objectives": "8x8 digits in bits/dim: L_simple, L_hybrid, L_vlb x fixed and learned "
-                         "variances x linear and cosine schedules (Ho et al. Table 2, Nichol & "
-                         "Dhariwal)",
+                         "variances x linear and cosine schedules, and mu~ against eps prediction "
+                         "under the true bound (Ho et al. Table 2, Nichol & Dhariwal)",
 }

@@ -91,8 +91,12 @@ def test_moons_is_the_tutorials_setting():
 
 
 def test_digits_is_the_published_ablation():
-    """Objectives x fixed/learned variance x linear/cosine on the digits, T = 1000, in bits/dim."""
+    """Objectives x fixed/learned variance x linear/cosine on the digits, T = 1000, in bits/dim,
+    and Ho et al.'s mu~ prediction under the true bound with the linear schedule."""
     configs = full_configs("digits_objectives")
+    assert len(configs) == 36
+    mean = {(c.objective, c.variance, c.sampler, c.schedule) for c in configs if c.prediction == "mean"}
+    assert mean == {("vlb", "fixed_large", "uniform", "linear"), ("vlb", "learned_range", "uniform", "linear")}
     assert {c.objective for c in configs} == {"simple", "hybrid", "vlb"}
     assert {c.variance for c in configs} == {"fixed_large", "learned_range"}
     assert {c.schedule for c in configs} == {"linear", "cosine"}
