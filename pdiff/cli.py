@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import RESCALINGS, TOY_DATASETS, GaussianMixture, check_data, entropy_mc, fit_rescaling, get_toy, has_exact_density
+from .data import (RESCALINGS, TOY_DATASETS, GaussianMixture, check_data, entropy_mc, fit_rescaling,
+                   get_toy, has_exact_density)
 from .data import IMAGE_DATASETS
 from .data.toy import toy_split
 from .distributions import DECODER_VARIANCES, FIXED_VARIANCES, VARIANCES
@@ -516,7 +517,8 @@ def _grid_axes(items: list[str]) -> dict[str, tuple]:
         try:
             axes[name] = tuple(_grid_value(types[name], v.strip()) for v in values.split(",") if v.strip())
         except ValueError:
-            raise UserError(f"--grid {item!r}: {name} takes {'true/false' if types[name] is bool else types[name].__name__} values") from None
+            kind = "true/false" if types[name] is bool else types[name].__name__
+            raise UserError(f"--grid {item!r}: {name} takes {kind} values") from None
     return axes
 
 

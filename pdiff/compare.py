@@ -212,7 +212,8 @@ class GridSpec:
                     cfg.validate()
                     # checked per run: test_size may itself be an axis (images: their own split,
                     # evaluated on at most eval_samples test images)
-                    if not is_image_data(cfg.data) and self.eval_samples > cfg.test_size or self.metric_samples > cfg.test_size:
+                    if (not is_image_data(cfg.data)
+                            and max(self.eval_samples, self.metric_samples) > cfg.test_size):
                         raise ValueError(f"eval and metric samples ({self.eval_samples}, "
                                          f"{self.metric_samples}) must not exceed the test split "
                                          f"({cfg.test_size} points)")

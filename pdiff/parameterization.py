@@ -7,8 +7,6 @@ event dimensions of ``xt``.
 """
 from __future__ import annotations
 
-import torch
-
 from .schedules import NoiseSchedule
 
 PREDICTIONS = ("eps", "x0", "mean")

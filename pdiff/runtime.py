@@ -4,9 +4,10 @@ On Linux, glibc's ``malloc`` serves blocks above a threshold (128 KiB at first, 
 32 MiB) with ``mmap`` and gives them back to the kernel on ``free``; PyTorch on the CPU allocates
 and frees activations of that size for every network call, so each call pays page faults to get
 fresh zeroed pages. ``pdiff evaluate`` of a digits U-Net (default sample metric, one thread)
-spent 9 of its 122 s in the kernel that way, 2 s with this setting, 5% less wall time. ``tune_allocator`` raises both thresholds (``mallopt``), so freed blocks
-stay in the process and are reused, as jemalloc or tcmalloc would. The price: memory freed by the
-process is returned to the system only in blocks above ``trim_bytes``.
+spent 9 of its 122 s in the kernel that way, 2 s with this setting, 5% less wall time.
+``tune_allocator`` raises both thresholds (``mallopt``), so freed blocks stay in the process and
+are reused, as jemalloc or tcmalloc would. The price: memory freed by the process is returned to
+the system only in blocks above ``trim_bytes``.
 
 It changes nothing where the user tuned glibc already (any ``MALLOC_*`` environment variable),
 where ``PDIFF_NO_MALLOPT`` is set, or off glibc. It is the command line's choice, not the

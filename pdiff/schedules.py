@@ -31,8 +31,9 @@ class NoiseSchedule:
     ``alpha_bar_prev[t]`` = alpha_bar_{t-1}, ``beta_tilde[t]`` = beta_t (1 - alpha_bar_{t-1}) /
     (1 - alpha_bar_t) (the posterior variance, Ho et al. eq. 7; beta_tilde_1 = 0),
     ``posterior_coef_x0[t]`` and ``posterior_coef_xt[t]`` the two coefficients of the posterior
-    mean (eq. 7), ``sqrt_alpha_bar`` and ``sqrt_one_minus_alpha_bar`` the two of eq. 4. Entries at index 0 are the t = 0 conventions (beta_0 = 0, alpha_bar_0 = 1); the
-    posterior quantities there are 0 and never used.
+    mean (eq. 7), ``sqrt_alpha_bar`` and ``sqrt_one_minus_alpha_bar`` the two of eq. 4. Entries
+    at index 0 are the t = 0 conventions (beta_0 = 0, alpha_bar_0 = 1); the posterior quantities
+    there are 0 and never used.
     """
 
     betas: torch.Tensor
