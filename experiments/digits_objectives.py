@@ -24,8 +24,8 @@ out: L_simple does not train a variance and with a fixed one L_hybrid trains exa
 under the true bound with the linear schedule. What the published trends predict is in
 ../shared/REFERENCE.md and, beside the measured table, in docs/results.md.
 
-Run from the repository root (36 runs of 2000 steps: about 2.5 CPU hours, 97 min measured on 2 cores; see
-experiments/README.md)::
+Run from the repository root (36 runs of 2000 steps: about 2.5 CPU hours, 97 min measured on 2
+cores; see experiments/README.md)::
 
     python experiments/digits_objectives.py --out runs/digits_objectives
     python experiments/digits_objectives.py --quick --out /tmp/digits  # smoke run
