@@ -260,7 +260,8 @@ def test_evaluate_and_sample_device(run_dir, tmp_path, capsys):
 def test_evaluate_and_sample_on_cuda_agree_with_the_cpu(run_dir, tmp_path, capsys):
     """The bound is the same function wherever it runs: on the same test points the per-example
     totals differ by their Monte Carlo noise only (different generators), so the two means agree
-    within a few of their paired standard errors."""
+    within a few standard errors of their difference (the two means' errors combined, which over
+    the same test points is conservative)."""
     base = ["evaluate", "--checkpoint", str(run_dir), "--samples", "200", "--entropy-samples", "500",
             "--metric-samples", "0", "--json"]
     cpu = json.loads(run(base, capsys)[1])
