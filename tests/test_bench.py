@@ -3,6 +3,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from pdiff import bench, bench_baselines
 
@@ -12,6 +13,8 @@ def _timings(rows):
         for key in ("seconds", "baseline_seconds", "ratio"):
             assert math.isfinite(r[key]) and r[key] > 0, (key, r)
         assert r["ratio_range"][0] <= r["ratio"] <= r["ratio_range"][1]
+        assert r["ratio_range"][0] <= r["ratio_ci"][0] <= r["ratio"] <= r["ratio_ci"][1] \
+            <= r["ratio_range"][1]
 
 
 def test_quick_run_writes_every_section(tmp_path):
@@ -86,3 +89,23 @@ def test_hand_loop_does_the_same_arithmetic(objective, image):
     params = list(net.parameters())
     for a, b in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+
+
+def test_median_interval_ranks():
+    """The order statistics of the binomial rule: ranks 4 and 12 of 15 (P(B <= 3) = 0.018 <= 0.025
+    < P(B <= 4) = 0.059), ranks 41 and 61 of 101 (P(B <= 40) = 0.023); too few values give the whole range."""
+    assert bench.median_interval(list(range(1, 16))) == (4, 12)
+    assert bench.median_interval(list(range(1, 102))) == (41, 61)
+    assert bench.median_interval([3.0, 1.0, 2.0, 5.0, 4.0]) == (1.0, 5.0)
+
+
+def test_median_interval_covers_the_median():
+    """Over 2000 seeded samples of 21 skewed (log-normal) ratios around a true median of 1.05,
+    the 95% interval covers it in at least 95% of them, less three binomial standard errors."""
+    gen, trials, covered = torch.Generator().manual_seed(0), 2000, 0
+    for _ in range(trials):
+        xs = (1.05 * torch.exp(0.1 * torch.randn(21, generator=gen))).tolist()
+        lo, hi = bench.median_interval(xs)
+        covered += lo <= 1.05 <= hi
+    level = 0.95
+    assert covered / trials >= level - 3 * math.sqrt(level * (1 - level) / trials)
