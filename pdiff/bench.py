@@ -423,7 +423,7 @@ def markdown(report: dict) -> str:
              "warm-up call each, the order reversed every round) and the ratio is the median of "
              "the per-round ratios; in brackets, a 95% confidence interval for that median (order "
              "statistics, no assumption on the noise; `bench.median_interval`). A target counts "
-             "as met when the median is within it. Times are medians.", ""]
+             "as met when the median ratio is at or below it. Times are medians.", ""]
     if "full_bound" in sec:
         lines += ["## Full-bound evaluation against the bare network", "",
                   "`elbo.full_bound` (every term of the bound for N examples, the N x T pairs in "
