@@ -109,3 +109,22 @@ def test_median_interval_covers_the_median():
         covered += lo <= 1.05 <= hi
     level = 0.95
     assert covered / trials >= level - 3 * math.sqrt(level * (1 - level) / trials)
+
+
+def test_gpu_section_runs_its_modes_and_reports_speed_ups():
+    """The GPU measurement's code path on the CPU (no time asserted): the MNIST-sized U-Net under
+    the wrappers Trainer uses, eager fp32 and bf16 autocast (compilation is left out here: it needs
+    a compiler toolchain and minutes); the report gives each mode's speed-up against eager fp32."""
+    from dataclasses import replace
+    s = replace(bench.QUICK, timesteps=4, cuda_batch=2, cuda_examples=1, cuda_repeats=1)
+    cuda = bench.bench_cuda(s, device=torch.device("cpu"), modes=("eager_fp32", "bf16"))
+    assert set(cuda["modes"]) == {"eager_fp32", "bf16"}
+    for mode in cuda["modes"].values():
+        assert "error" not in mode, mode
+        assert mode["images_per_s"] > 0 and mode["full_bound_seconds"] > 0
+    report = {"command": "pdiff bench", "date": "today", "load_average_end": [0.0],
+              "machine": {"cpu": "cpu", "cpu_count": 1, "torch": torch.__version__,
+                          "torch_threads": 1, "python": "3", "load_average": [0.0]},
+              "sections": {"cuda": {**cuda, "gpu": "a GPU"}}}
+    md = bench.markdown(report)
+    assert "| eager_fp32 |" in md and "| 1.00x |" in md and "| bf16 |" in md
