@@ -14,18 +14,15 @@ import torch
 
 from .data import (RESCALINGS, TOY_DATASETS, GaussianMixture, check_data, entropy_mc, fit_rescaling,
                    get_toy, has_exact_density)
-from .data import IMAGE_DATASETS
 from .data.toy import toy_split
 from .distributions import DECODER_VARIANCES, FIXED_VARIANCES, VARIANCES
-from .nets import EMBEDDINGS
-from .objectives import OBJECTIVES, SAMPLERS
-from .parameterization import PREDICTIONS
+from .objectives import OBJECTIVES
 from .compare import draw_samples, evaluate_run
 from .evaluation import bound_report
 from .run_data import is_image_data
 from . import distributed
 from .runtime import tune_allocator
-from .train import (ENGINES, IMAGE_DEFAULTS, NETS, PRECISIONS, TrainConfig, Trainer, TrainingError,
+from .train import (IMAGE_DEFAULTS, PRECISIONS, TrainConfig, Trainer, TrainingError,
                     check_device, load_run, wrap_precision)
 from .oracle import MixtureDenoiser
 from .schedules import SCHEDULES, NoiseSchedule, make_schedule
@@ -311,10 +308,7 @@ def _list_of(valid):
 
 def _add_config_args(parser: argparse.ArgumentParser, exclude=(), defaults=None) -> None:
     """One option per ``TrainConfig`` field (``--batch-size`` for ``batch_size``)."""
-    choices = {"data": sorted(TOY_DATASETS) + list(IMAGE_DATASETS), "objective": OBJECTIVES, "variance": VARIANCES,
-               "prediction": PREDICTIONS, "schedule": SCHEDULES, "decoder_variance": DECODER_VARIANCES,
-               "sampler": SAMPLERS, "rescale": RESCALINGS, "net": NETS,
-               "embedding": EMBEDDINGS, "engine": ENGINES, "precision": PRECISIONS}
+    choices = TrainConfig.CHOICES
     for f in fields(TrainConfig):
         if f.name in exclude:
             continue

@@ -42,7 +42,11 @@ from .schedules import SCHEDULES, make_schedule
 ENGINES = ("torch", "pyro")
 PRECISIONS = ("fp32", "bf16")  # bf16: the network's forward under torch.autocast, the rest fp32
 # fields that change how fast a run trains, not what it trains: a resume may change them
-RUNTIME_FIELDS = ("iterations", "device", "log_every", "checkpoint_every", "precision", "compile")
+# data_on: "device" keeps the train split on the training device; "host" keeps it in host memory
+# (pinned for a CUDA device) and copies each batch over, for data the device should not hold
+DATA_PLACEMENTS = ("device", "host")
+RUNTIME_FIELDS = ("iterations", "device", "log_every", "checkpoint_every", "precision", "compile",
+                  "data_on")
 NETS = ("auto", "mlp", "mean_variance", "unet")
 # Image runs (U-Net, T network passes of a bigger net per batch on CPU): smaller batches, a lower
 # learning rate and a slower EMA than the toys, as the DDPM and Improved-DDPM image runs use.
@@ -102,6 +106,7 @@ class TrainConfig:
     checkpoint_every: int = 1000
     precision: str = "fp32"
     compile: bool = False
+    data_on: str = "device"
     class_cond: bool = False
     label_dropout: float = 0.1
 
@@ -109,7 +114,7 @@ class TrainConfig:
                "schedule": SCHEDULES, "decoder_variance": DECODER_VARIANCES, "rescale": RESCALINGS,
                "embedding": EMBEDDINGS, "net": NETS, "engine": ENGINES,
                "objective": OBJECTIVES, "sampler": SAMPLERS,
-               "precision": PRECISIONS}
+               "precision": PRECISIONS, "data_on": DATA_PLACEMENTS}
 
     def validate(self) -> "TrainConfig":
         """Refuse inconsistent options with a ``ValueError`` naming what is valid."""
@@ -357,12 +362,20 @@ class Trainer:
         data = load_run_data(cfg)
         self.event_shape, self.num_levels = data.event_shape, data.num_levels
         self.rescaling = data.rescaling
-        # the whole train split lives on the device: batches are gathered there, no copy per step
-        self.train_x = data.train.to(self.device, torch.float32)
+        # data_on "device": the whole train split lives on the device, batches are gathered there
+        # with no copy per step. "host": it stays in host memory, pinned for a CUDA device, and
+        # each batch is gathered on the host into pinned memory and copied without a wait
+        self.data_device = torch.device("cpu") if cfg.data_on == "host" else self.device
+        self.pinned = cfg.data_on == "host" and self.device.type == "cuda"
+        self.train_x = data.train.to(self.data_device, torch.float32)
+        if self.pinned:
+            self.train_x = self.train_x.pin_memory()
         self.num_classes = data.num_classes if cfg.class_cond else None
         if cfg.class_cond and (data.train_labels is None or not data.num_classes):
             raise ValueError(f"--class-cond needs class labels, and {cfg.data} has none")
-        self.train_y = data.train_labels.to(self.device) if cfg.class_cond else None
+        self.train_y = data.train_labels.to(self.data_device) if cfg.class_cond else None
+        if self.pinned and self.train_y is not None:
+            self.train_y = self.train_y.pin_memory()
         self.net = build_net(cfg, self.event_shape, self.num_classes).to(self.device, torch.float32)
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
         # the EMA pairs, listed once (state_dict loads copy into these same tensors)
@@ -374,6 +387,10 @@ class Trainer:
         self.sampler = make_sampler(cfg.sampler, cfg.timesteps)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.gen = torch.Generator(device=self.device).manual_seed(distributed.rank_seed(cfg.seed))
+        # the batch indices are drawn where the data is: host data takes a host stream of its own
+        self.index_gen = self.gen
+        if cfg.data_on == "host":
+            self.index_gen = torch.Generator().manual_seed(self._index_seed(0))
         self.step = 0
         if has_checkpoint:
             self._load()
@@ -427,8 +444,14 @@ class Trainer:
         atomic_write_text(json.dumps(asdict(self.cfg), indent=2), self.out / "config.json")
         return has_checkpoint
 
+    def _index_seed(self, step: int) -> int:
+        """The seed of the host index stream of host data (``step``: where it starts afresh)."""
+        return distributed.rank_seed((self.cfg.seed * 1_000_003 + step) * 2 + 1)
+
     def _rng_state(self) -> dict:
         state = {"generator": self.gen.get_state(), "torch_rng": torch.get_rng_state()}
+        if self.index_gen is not self.gen:
+            state["index_generator"] = self.index_gen.get_state()
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return state
@@ -472,6 +495,11 @@ class Trainer:
                 torch.set_rng_state(mine["torch_rng"])
                 if "cuda_rng" in mine and self.device.type == "cuda":
                     torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
+                if self.index_gen is not self.gen:  # saved with data on the device: start afresh
+                    if "index_generator" in mine:
+                        self.index_gen.set_state(mine["index_generator"])
+                    else:
+                        self.index_gen.manual_seed(self._index_seed(state["step"]))
         except Exception as e:
             raise ValueError(f"checkpoint {path} is corrupt or not a pdiff checkpoint: {e}") from None
         if len(rngs) != self.world_size:
@@ -482,6 +510,8 @@ class Trainer:
             seed = distributed.rank_seed(self.cfg.seed * 1_000_003 + self.step + 1)
             self.gen.manual_seed(seed)
             torch.manual_seed(seed)
+            if self.index_gen is not self.gen:
+                self.index_gen.manual_seed(self._index_seed(self.step))
         if distributed.is_main():
             self._truncate_metrics()
 
@@ -517,9 +547,25 @@ class Trainer:
             self.sampler.update(*gather_steps(out.t, out.term))
         return out.loss.mean()
 
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next batch: its indices (where the data is) and x_0 on the device."""
+        idx = torch.randint(self.train_x.shape[0], (self.local_batch,), generator=self.index_gen,
+                            device=self.data_device)
+        return idx, self._gather(self.train_x, idx)
+
+    def _gather(self, table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``table[idx]`` on the device. From pinned host data it is gathered into a fresh pinned
+        block and copied without a wait (the caching host allocator does not hand the block out
+        again before that copy has finished)."""
+        if not self.pinned:
+            return table[idx].to(self.device)  # no copy with the data on the device
+        rows = torch.empty((idx.shape[0],) + table.shape[1:], dtype=table.dtype, pin_memory=True)
+        torch.index_select(table, 0, idx, out=rows)
+        return rows.to(self.device, non_blocking=True)
+
     def _labels(self, idx: torch.Tensor) -> torch.Tensor:
         """The batch's labels, each replaced by the null label with probability label_dropout."""
-        y = self.train_y[idx]
+        y = self._gather(self.train_y, idx)
         drop = torch.rand(y.shape, generator=self.gen, device=self.device) < self.cfg.label_dropout
         return torch.where(drop, torch.full_like(y, self.num_classes), y)
 
@@ -560,7 +606,7 @@ class Trainer:
         """
         from tqdm import tqdm
 
-        cfg, n = self.cfg, self.train_x.shape[0]
+        cfg = self.cfg
         main = distributed.is_main()
         bar = tqdm(total=cfg.iterations, initial=self.step, disable=not (progress and main),
                    desc="train", dynamic_ncols=True)
@@ -584,11 +630,11 @@ class Trainer:
 
         try:
             while self.step < cfg.iterations:
-                idx = torch.randint(n, (self.local_batch,), generator=self.gen, device=self.device)
+                idx, x0 = self._batch()
                 try:
                     if self.labelled is not None:
                         self.labelled.labels = self._labels(idx)
-                    loss = self._loss(self.train_x[idx])
+                    loss = self._loss(x0)
                     for g in self.opt.param_groups:
                         g["lr"] = self._lr()
                     self.opt.zero_grad(set_to_none=True)

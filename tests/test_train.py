@@ -40,6 +40,47 @@ def test_resumed_run_equals_uninterrupted(tmp_path, objective, variance, sampler
     assert steps == [10, 20, 30, 40]
 
 
+def test_data_on_host_resumes_exactly_and_keeps_its_index_stream(tmp_path):
+    """With the train split in host memory the batch indices come from a host stream of their own,
+    saved in the checkpoint: an interrupted run resumes draw for draw, and a run saved with the
+    data on the device resumes with it on the host (a runtime option) and trains on."""
+    cfg = tiny(data_on="host", objective="hybrid")
+    Trainer(cfg, tmp_path / "a").train(progress=False)
+    Trainer(replace(cfg, iterations=20), tmp_path / "b").train(progress=False)
+    assert "index_generator" in weights(tmp_path / "b")["rng"][0]
+    Trainer(cfg, tmp_path / "b", resume=True).train(progress=False)
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    for name in a["net"]:
+        torch.testing.assert_close(a["net"][name], b["net"][name], rtol=0, atol=0)
+    Trainer(replace(cfg, data_on="device", iterations=20), tmp_path / "c").train(progress=False)
+    resumed = Trainer(cfg, tmp_path / "c", resume=True)
+    assert resumed.train_x.device.type == "cpu" and resumed.index_gen is not resumed.gen
+    resumed.train(progress=False)
+    assert weights(tmp_path / "c")["step"] == 40
+
+
+def test_data_on_is_checked(tmp_path, capsys):
+    with pytest.raises(ValueError, match="unknown data_on 'disk'; valid: device, host"):
+        Trainer(tiny(data_on="disk"), tmp_path / "x")
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--data", "mixture1d", "--data-on", "disk", "--out", str(tmp_path / "y")])
+    assert exit_.value.code == 2
+    assert "--data-on" in capsys.readouterr().err and not (tmp_path / "y").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_data_on_host_feeds_a_gpu_from_pinned_memory(tmp_path):
+    """On a GPU, host data is pinned and each batch reaches the device; labels too."""
+    trainer = Trainer(TrainConfig.for_data("digits", data_on="host", device="cuda", iterations=4,
+                                           batch_size=8, timesteps=10, class_cond=True,
+                                           log_every=2, checkpoint_every=4), tmp_path)
+    assert trainer.train_x.is_pinned() and trainer.train_y.is_pinned()
+    idx, x0 = trainer._batch()
+    assert x0.device.type == "cuda" and idx.device.type == "cpu"
+    torch.testing.assert_close(x0.cpu(), trainer.train_x[idx], rtol=0, atol=0)
+    assert math.isfinite(trainer.train(progress=False)["loss"])
+
+
 def test_existing_run_is_not_overwritten(tmp_path):
     Trainer(tiny(iterations=5), tmp_path).train(progress=False)
     before = (tmp_path / CHECKPOINT).read_bytes()
