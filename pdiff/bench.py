@@ -128,12 +128,15 @@ def median_interval(values: list[float], level: float = 0.95) -> tuple[float, fl
 
 def versus(times: dict[str, list[float]], name: str, baseline: str, per: int = 1) -> dict:
     """``name`` against ``baseline``: median seconds (per ``per`` units) and the median of the
-    per-round ratios, with a 95% confidence interval for that median and their range."""
+    per-round ratios, with a 95% confidence interval for that median and their range; and, as a
+    second estimator, the ratio of the two fastest calls (interference from other jobs only ever
+    adds time, so each side's fastest call is its least disturbed one)."""
     ratios = sorted(a / b for a, b in zip(times[name], times[baseline]))
     return {"seconds": statistics.median(times[name]) / per,
             "baseline_seconds": statistics.median(times[baseline]) / per,
             "ratio": statistics.median(ratios), "ratio_ci": list(median_interval(ratios)),
-            "ratio_range": [ratios[0], ratios[-1]], "repeats": len(ratios)}
+            "ratio_range": [ratios[0], ratios[-1]], "repeats": len(ratios),
+            "fastest_ratio": min(times[name]) / min(times[baseline])}
 
 
 def _judge(result: dict, target: float) -> dict:
@@ -389,6 +392,10 @@ def _ratio(r: dict) -> str:
     return f"{r['ratio']:.3f} ({lo:.3f}–{hi:.3f})"
 
 
+def _fastest(r: dict) -> str:
+    return f"{r['fastest_ratio']:.3f}" if "fastest_ratio" in r else "–"  # older reports: none
+
+
 def _met(r: dict) -> str:
     return "met" if r["met"] else "**not met**"
 
@@ -439,10 +446,14 @@ def markdown(report: dict) -> str:
                   "network, batch, AdamW, clipping and EMA. Target: ≤ "
                   f"{100 * (TARGETS['training'] - 1):.0f}% overhead.", "",
                   "| case | objective | batch | Trainer (ms/it) | hand loop (ms/it) | ratio | "
-                  "overhead | target |", "|---|---|---|---|---|---|---|---|"]
+                  "overhead | fastest calls' ratio | target |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['case']} | {r['objective']} | {r['batch']} | {_ms(r['seconds'])} | "
                   f"{_ms(r['baseline_seconds'])} | {_ratio(r)} | {100 * (r['ratio'] - 1):+.1f}% | "
-                  f"{_met(r)} |" for r in rows]
+                  f"{_fastest(r)} | {_met(r)} |" for r in rows]
+        lines += ["", "The fastest calls' ratio is a second estimator of the same overhead: each "
+                  "side's fastest call over all rounds, the one other jobs disturbed least. The "
+                  "target is judged on the median ratio."]
         if rows:
             lines += ["", f"A checkpoint took {rows[0]['checkpoint_seconds']:.3g} s "
                       f"(amortized over {rows[0]['checkpoint_every']} iterations)."]

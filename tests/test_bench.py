@@ -15,6 +15,7 @@ def _timings(rows):
         assert r["ratio_range"][0] <= r["ratio"] <= r["ratio_range"][1]
         assert r["ratio_range"][0] <= r["ratio_ci"][0] <= r["ratio"] <= r["ratio_ci"][1] \
             <= r["ratio_range"][1]
+        assert math.isfinite(r["fastest_ratio"]) and r["fastest_ratio"] > 0
 
 
 def test_quick_run_writes_every_section(tmp_path):
@@ -128,3 +129,10 @@ def test_gpu_section_runs_its_modes_and_reports_speed_ups():
               "sections": {"cuda": {**cuda, "gpu": "a GPU"}}}
     md = bench.markdown(report)
     assert "| eager_fp32 |" in md and "| 1.00x |" in md and "| bf16 |" in md
+
+
+def test_versus_estimators():
+    """The median of the paired ratios and the ratio of each side's fastest call, per unit."""
+    r = bench.versus({"a": [2.0, 6.0, 4.0], "b": [1.0, 4.0, 1.0]}, "a", "b", per=2)
+    assert r["ratio"] == 2.0 and r["ratio_range"] == [1.5, 4.0] and r["repeats"] == 3
+    assert r["fastest_ratio"] == 2.0 and r["seconds"] == 2.0 and r["baseline_seconds"] == 0.5
