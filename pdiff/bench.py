@@ -82,8 +82,8 @@ class Settings:
 
 
 QUICK = Settings(repeats=1, training_repeats=1, slow_training_repeats=1, timesteps=20,
-                 mlp_examples=4, unet_examples=1, batch=16, unet_batch=2, segment=2, unet_segment=1, trajectory_segment=1,
-                 pyro_batch=2, pyro_segment=1,
+                 mlp_examples=4, unet_examples=1, batch=16, unet_batch=2, segment=2,
+                 unet_segment=1, trajectory_segment=1, pyro_batch=2, pyro_segment=1,
                  growth_timesteps=(10, 20), growth_examples=(1, 2), growth_dims=(1, 2),
                  growth_n=2, growth_repeats=1, cuda_batch=4, cuda_examples=1, cuda_repeats=2)
 

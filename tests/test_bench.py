@@ -94,7 +94,8 @@ def test_hand_loop_does_the_same_arithmetic(objective, image):
 
 def test_median_interval_ranks():
     """The order statistics of the binomial rule: ranks 4 and 12 of 15 (P(B <= 3) = 0.018 <= 0.025
-    < P(B <= 4) = 0.059), ranks 41 and 61 of 101 (P(B <= 40) = 0.023); too few values give the whole range."""
+    < P(B <= 4) = 0.059), ranks 41 and 61 of 101 (P(B <= 40) = 0.023); too few values give the
+    whole range."""
     assert bench.median_interval(list(range(1, 16))) == (4, 12)
     assert bench.median_interval(list(range(1, 102))) == (41, 61)
     assert bench.median_interval([3.0, 1.0, 2.0, 5.0, 4.0]) == (1.0, 5.0)
