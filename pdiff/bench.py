@@ -41,9 +41,10 @@ from .bench_baselines import HandLoop, chain_mean_field_bound
 from .runtime import tune_allocator
 from .distributions.discretized import quantize
 from .elbo import full_bound
+from .files import atomic_write, atomic_write_text
 from .nets import UNet, unet_for
 from .objectives import hybrid_loss, make_sampler
-from .train import TrainConfig, Trainer, build_model, build_net, wrap_precision
+from .train import TrainConfig, Trainer, build_model, build_net, check_device, wrap_precision
 
 SECTIONS = ("full_bound", "training", "pyro", "growth", "cuda")
 TARGETS = {"full_bound": 1.2, "training": 1.05, "pyro": 1.5}
@@ -550,23 +551,8 @@ def growth_figure(growth: dict, path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
     fig.axes[0].legend()
     fig.tight_layout()
-    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-
-
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_text(path: Path, text: str) -> None:
-    _atomic(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
 # -- the command ----------------------------------------------------------------------------------
@@ -580,17 +566,46 @@ def _sections(text: str) -> tuple[str, ...]:
     return names
 
 
-def _override(s: Settings, items: list[str]) -> Settings:
-    changes = {}
-    for item in items:
-        name, _, value = item.partition("=")
-        if name not in Settings.__dataclass_fields__:
-            raise SystemExit(f"--set: unknown setting {name!r}; valid: "
-                             + ", ".join(Settings.__dataclass_fields__))
-        default = getattr(s, name)
-        changes[name] = (tuple(int(v) for v in value.split(",")) if isinstance(default, tuple)
-                         else int(value))
-    return replace(s, **changes)
+def _setting(item: str) -> tuple[str, int | tuple[int, ...]]:
+    """``NAME=VALUE`` for one of the ``Settings``: an integer, or comma-separated integers for the
+    tuple-valued ones."""
+    name, eq, value = item.partition("=")
+    fields = Settings.__dataclass_fields__
+    if not eq or name not in fields:
+        raise argparse.ArgumentTypeError(f"{item!r}: expected NAME=VALUE with NAME one of "
+                                         + ", ".join(fields))
+    many = isinstance(getattr(Settings(), name), tuple)
+    try:
+        parsed = tuple(int(v) for v in value.split(",")) if many else int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{item!r}: {name} takes {'comma-separated integers' if many else 'an integer'}, got "
+            f"{value!r}") from None
+    if min(parsed if many else (parsed,)) < 1:  # an empty tuple cannot get here: int('') fails
+        raise argparse.ArgumentTypeError(f"{item!r}: {name} must be >= 1 (every setting counts "
+                                         "something)")
+    return name, parsed
+
+
+def _device(text: str) -> torch.device:
+    try:
+        return check_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _report(path: str) -> dict:
+    """Another run's JSON report (for ``--include-json``), read before anything is measured."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"cannot read {path!r} as a pdiff bench report: "
+                                         f"{e}") from None
+    if not (isinstance(report, dict) and isinstance(report.get("sections"), dict)
+            and "date" in report):
+        raise argparse.ArgumentTypeError(f"{path!r} is not a pdiff bench report (no sections and "
+                                         "date; `pdiff bench --out-json` writes one)")
+    return report
 
 
 def parser(prog: str = "python -m pdiff.bench") -> argparse.ArgumentParser:
@@ -598,20 +613,21 @@ def parser(prog: str = "python -m pdiff.bench") -> argparse.ArgumentParser:
     p.add_argument("--out-json", default="docs/benchmarks.json", help="where the figures go (JSON)")
     p.add_argument("--out-md", default="docs/benchmarks.md", help="the report (Markdown)")
     p.add_argument("--quick", action="store_true", help="tiny settings, for the smoke test")
-    p.add_argument("--device", default="cpu", help="device of the CPU sections (default cpu)")
+    p.add_argument("--device", type=_device, default=torch.device("cpu"),
+                   help="device of the CPU sections (default cpu)")
     p.add_argument("--only", type=_sections, default=SECTIONS,
                    help=f"comma-separated sections to run: {', '.join(SECTIONS)}")
-    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+    p.add_argument("--set", type=_setting, action="append", default=[], metavar="NAME=VALUE",
                    help="override one of the settings (see bench.Settings), e.g. repeats=11")
-    p.add_argument("--include-json", default=None,
+    p.add_argument("--include-json", type=_report, default=None,
                    help="merge the sections of another run's JSON that this run skips (a GPU "
                         "machine's cuda section, say)")
     return p
 
 
 def run(args: argparse.Namespace, command: str) -> dict:
-    s = _override(QUICK if args.quick else Settings(), args.set)
-    device = torch.device(args.device)
+    s = replace(QUICK if args.quick else Settings(), **dict(args.set))
+    device = args.device
     report = {"command": command, "date": datetime.datetime.now(datetime.timezone.utc)
               .strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(), "settings": asdict(s),
               "sections": {}}
@@ -631,7 +647,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
             else:
                 sec[name] = {**bench_cuda(s), "date": report["date"]}
     if args.include_json:
-        other = json.loads(Path(args.include_json).read_text())
+        other = args.include_json
         for name, value in other["sections"].items():
             if name not in sec or "skipped" in sec.get(name, {}):
                 sec[name] = {**value, "date": other["date"]} if isinstance(value, dict) else value
@@ -650,8 +666,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m pdiff.bench") -> 
         figure = md_path.parent / "figures" / "benchmarks" / "growth.png"
         growth_figure(report["sections"]["growth"], figure)
         report["figure"] = os.path.relpath(figure, md_path.parent)
-    _write_text(json_path, json.dumps(report, indent=2) + "\n")
-    _write_text(md_path, markdown(report))
+    for path, text in ((json_path, json.dumps(report, indent=2) + "\n"),
+                       (md_path, markdown(report))):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(text, path)
     print(f"wrote {md_path} and {json_path}", file=sys.stderr)
     return 0
 

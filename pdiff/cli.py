@@ -381,7 +381,7 @@ def _sample_labels(run, args) -> torch.Tensor | None:
 def _write_image_samples(run, x: torch.Tensor, out: Path, figure: Path | None, args) -> int:
     """Images: a PNG grid (atomic) or the (N, C, H, W) array in [-1, 1] as .npy."""
     from .data import to_uint8_grid
-    from .train import atomic_write_bytes
+    from .files import atomic_write_bytes
 
     levels = run.model.num_levels
     targets = [out] + ([figure] if figure is not None else [])
@@ -408,20 +408,14 @@ def _png_bytes(grid: np.ndarray) -> bytes:
 
 def _write_array_atomic(arr: np.ndarray, path: Path) -> None:
     """Write ``arr`` as .npy or text next to ``path``, then rename: never half a file."""
-    import os
-    import tempfile
+    from .files import atomic_write
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=path.suffix)
-    os.close(fd)
-    try:
+    def write(tmp: str) -> None:
         if path.suffix == ".npy":
             np.save(tmp, arr)
         else:
             np.savetxt(tmp, arr, delimiter="," if path.suffix == ".csv" else " ", fmt="%.8g")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, write, suffix=path.suffix)  # np.save adds .npy to a name without it
 
 
 def _check_new_file(path: Path, force: bool, what: str) -> None:

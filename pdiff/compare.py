@@ -34,7 +34,8 @@ from .metrics import energy_distance, sliced_wasserstein
 from .run_data import is_image_data, load_run_data
 from .runtime import allocator_tuned, tune_allocator
 from .sampling import ancestral_sample
-from .train import CHECKPOINT, Run, TrainConfig, Trainer, atomic_write_text, load_run
+from .files import atomic_save, atomic_write_text
+from .train import CHECKPOINT, Run, TrainConfig, Trainer, load_run
 
 EVAL_FILE = "eval.json"
 SAMPLES_FILE = "samples.pt"
@@ -274,7 +275,7 @@ def run_one(name: str, cell: dict, cfg: TrainConfig, run_dir: str | Path, *, eva
         ev = evaluate_run(run, samples=eval_samples, seed=cfg.seed, metric_samples=metric_samples)
         samples = ev.pop("_samples", None)
         if samples is not None:
-            torch.save(samples, run_dir / SAMPLES_FILE)
+            atomic_save(samples, run_dir / SAMPLES_FILE)
         record |= {"status": "ok", "eval": ev}
     except Exception as e:  # reported as a failed run in the table, not dropped
         record |= {"status": "failed", "error": f"{type(e).__name__}: {e}",

@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 
 from .distributions.forward import ForwardChain
 from .distributions.reverse import ReverseProcess
+from .files import atomic_write
 from .parameterization import xt_from_x0
 from .sampling import ancestral_sample
 from .schedules import NoiseSchedule
@@ -45,8 +46,10 @@ def _figure(path: str | Path, figsize: tuple[float, float]) -> Iterator[Figure]:
     with _style():
         fig = Figure(figsize=figsize, layout="constrained")
         yield fig
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110, bbox_inches="tight")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"),
+                     suffix=path.suffix)  # savefig goes by the extension
 
 
 def _np(x) -> np.ndarray:
@@ -260,8 +263,9 @@ def animate_forward_diffusion(schedule: NoiseSchedule, x0: torch.Tensor, path_gi
             ax.set_title(f"forward process $q(x_t | x_0)$, t = {steps[k]} of {T}")
 
         Path(path_gif).parent.mkdir(parents=True, exist_ok=True)
-        FuncAnimation(fig, draw, frames=len(steps)).save(path_gif, writer=PillowWriter(fps=fps),
-                                                         dpi=80)
+        animation = FuncAnimation(fig, draw, frames=len(steps))
+        atomic_write(path_gif, lambda tmp: animation.save(tmp, writer=PillowWriter(fps=fps), dpi=80),
+                     suffix=Path(path_gif).suffix)
     return Path(path_gif)
 
 

@@ -1,6 +1,7 @@
 """Dependencies point one way: schedules -> distributions -> elbo/objectives/sampling -> markov ->
-cli. ``nets`` and ``data`` use only torch/numpy (and scipy/sklearn for data); nothing in pdiff
-imports ``experiments``."""
+cli. ``nets`` and ``data`` use only torch/numpy (and scipy/sklearn for data), and ``files`` (atomic
+writes) for data; ``files`` itself imports no pdiff module; nothing in pdiff imports
+``experiments``."""
 import ast
 from pathlib import Path
 
@@ -19,11 +20,12 @@ LAYERS = {
     "oracle": {"schedules", "data"},
     "markov": {"schedules", "parameterization", "distributions", "elbo"},
     "nets": {"nets"},
-    "data": {"data"},
+    "data": {"data", "files"},
+    "files": set(),  # atomic writes: the standard library (and torch.save)
     "evaluation": {"schedules", "parameterization", "distributions", "elbo", "distributed"},
     "metrics": set(),
     "distributed": set(),  # torch.distributed helpers: torch only
-    "figures": {"schedules", "parameterization", "distributions", "sampling"},
+    "figures": {"schedules", "parameterization", "distributions", "sampling", "files"},
 }
 
 

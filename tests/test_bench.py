@@ -45,17 +45,57 @@ def test_quick_run_writes_every_section(tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))  # written atomically, nothing left behind
 
 
-def test_only_and_bad_names(tmp_path):
+def test_only_and_bad_names(tmp_path, capsys):
     out = tmp_path / "b.json"
     assert bench.main(["--quick", "--only", "growth", "--set", "growth_timesteps=5",
                        "--out-json", str(out), "--out-md", str(tmp_path / "b.md")]) == 0
     report = json.loads(out.read_text())
     assert set(report["sections"]) == {"growth"}
     assert [r["T"] for r in report["sections"]["growth"]["T"]] == [5]
-    with pytest.raises(SystemExit):
-        bench.main(["--quick", "--only", "growth,speed", "--out-json", str(out)])
-    with pytest.raises(SystemExit):
-        bench.main(["--quick", "--set", "nonsense=1", "--out-json", str(out)])
+    before = out.read_bytes()
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text('{"rows": []}')
+    for args, message in [
+        (["--only", "growth,speed"], "unknown section(s) speed; valid: full_bound, training"),
+        (["--set", "nonsense=1"], "'nonsense=1': expected NAME=VALUE with NAME one of repeats"),
+        (["--set", "repeats"], "'repeats': expected NAME=VALUE"),
+        (["--set", "repeats=many"], "'repeats=many': repeats takes an integer, got 'many'"),
+        (["--set", "growth_dims=2,x"], "growth_dims takes comma-separated integers"),
+        (["--set", "repeats=0"], "'repeats=0': repeats must be >= 1"),
+        (["--device", "tpu"], "unknown device 'tpu'; valid: cpu, cuda, cuda:N"),
+        (["--include-json", str(tmp_path / "missing.json")], "cannot read"),
+        (["--include-json", str(bad_json)], "is not a pdiff bench report"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            bench.main(["--quick", "--only", "growth", *args, "--out-json", str(out),
+                        "--out-md", str(tmp_path / "b.md")])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err, (args, err)
+    assert out.read_bytes() == before  # nothing measured, nothing written
+
+
+def test_include_json_takes_the_sections_this_run_skips(tmp_path):
+    """A GPU machine's report merged into a CPU run: its cuda section, with its own date, replaces
+    this run's skipped one; the sections this run measured are its own."""
+    gpu = tmp_path / "gpu.json"
+    gpu.write_text(json.dumps({"date": "2026-01-01 00:00 UTC", "sections": {
+        "cuda": {"gpu": "NVIDIA H200", "batch": 128, "examples": 8, "T": 1000, "modes": {
+            "eager_fp32": {"images_per_s": 100.0, "full_bound_seconds": 2.0},
+            "bf16_compile": {"images_per_s": 250.0, "full_bound_seconds": 0.8}}},
+        "growth": {"T": []}}}))
+    out, md = tmp_path / "b.json", tmp_path / "b.md"
+    assert bench.main(["--quick", "--only", "growth,cuda", "--set", "growth_timesteps=5",
+                       "--include-json", str(gpu), "--out-json", str(out),
+                       "--out-md", str(md)]) == 0
+    sections = json.loads(out.read_text())["sections"]
+    if torch.cuda.is_available():  # this machine measured its own
+        assert sections["cuda"]["date"] != "2026-01-01 00:00 UTC"
+    else:
+        assert sections["cuda"]["gpu"] == "NVIDIA H200"
+        assert sections["cuda"]["date"] == "2026-01-01 00:00 UTC"
+        assert "NVIDIA H200, measured 2026-01-01 00:00 UTC" in md.read_text()
+        assert "training 2.50x the images/s, full bound 2.50x as fast" in md.read_text()
+    assert [r["T"] for r in sections["growth"]["T"]] == [5]
 
 
 @pytest.mark.parametrize("objective,image", [("simple", False), ("vlb", False), ("hybrid", False),

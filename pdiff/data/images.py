@@ -9,10 +9,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.client
-import os
 import pickle
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
@@ -22,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ..files import atomic_write
 
 IMAGE_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "folder")
 DIGITS_NUM_TEST = 300  # of scikit-learn's 1797 digits: 1497 train, 300 test
@@ -141,22 +141,20 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
 
 
 def _download(url: str, dest: Path, md5: str) -> None:
-    """Fetch ``url`` to ``dest`` atomically (temp file + os.replace), checking its md5."""
+    """Fetch ``url`` to ``dest`` atomically (a temporary file renamed), checking its md5."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as r:
+
+    def fetch(tmp: str) -> None:
+        with open(tmp, "wb") as f, urllib.request.urlopen(url, timeout=60) as r:
             while block := r.read(1 << 20):
                 f.write(block)
         if (got := hashlib.md5(Path(tmp).read_bytes()).hexdigest()) != md5:
             raise DataFileError(f"download of {url} has md5 {got}, expected {md5}")
-        os.replace(tmp, dest)
+    try:
+        atomic_write(dest, fetch, suffix=".part")
     except (OSError, http.client.HTTPException) as e:
         raise DataFileError(f"could not download {url} (offline?): {e}; "
                             f"put the files in {dest.parent}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _missing(name: str, files, dirs) -> DataFileError:

@@ -1,0 +1,47 @@
+"""Files written whole or not at all.
+
+Each file is written to a temporary file beside its destination and renamed into place
+(``os.replace``, atomic within one file system): a kill or an error leaves the old file, or none,
+never half of a new one, and on an error the temporary file is removed. Checkpoints, run records,
+reports, figures, sample arrays and downloaded data all go through ``atomic_write``.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None], *, suffix: str = ".tmp",
+                 fsync: bool = False) -> None:
+    """``write(tmp)`` fills a temporary file beside ``path`` (its name ends in ``suffix``, for
+    writers that go by the extension), which then replaces ``path``. ``fsync``: force the data to
+    disk before the rename, so that a power cut cannot leave the new name on an empty file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        if fsync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(text: str, path: str | Path) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def atomic_write_bytes(data: bytes, path: str | Path) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def atomic_save(obj, path: str | Path) -> None:
+    """``torch.save`` of ``obj``, synced to disk before the rename (a checkpoint)."""
+    import torch
+
+    atomic_write(path, lambda tmp: torch.save(obj, tmp), fsync=True)
