@@ -388,8 +388,12 @@ def _ms(seconds: float) -> str:
     return f"{1e3 * seconds:.3g}"
 
 
+def _interval(r: dict) -> tuple[float, float]:
+    return r.get("ratio_ci", r["ratio_range"])  # reports written before ratio_ci: the range
+
+
 def _ratio(r: dict) -> str:
-    lo, hi = r.get("ratio_ci", r["ratio_range"])  # reports written before ratio_ci: the range
+    lo, hi = _interval(r)
     return f"{r['ratio']:.3f} ({lo:.3f}–{hi:.3f})"
 
 
@@ -402,7 +406,7 @@ def _met(r: dict) -> str:
 
 
 def _missed(r: dict) -> str:
-    lo, hi = r.get("ratio_ci", r["ratio_range"])
+    lo, hi = _interval(r)
     head = (f"- {r['case']}{' / ' + r['objective'] if 'objective' in r else ''}: ratio "
             f"{r['ratio']:.3f} against {r['target']}, its 95% interval {lo:.3f}–{hi:.3f} over "
             f"{r['repeats']} rounds (per-round range {r['ratio_range'][0]:.2f}–"
@@ -551,8 +555,7 @@ def growth_figure(growth: dict, path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
     fig.axes[0].legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100), make_parents=True)
 
 
 # -- the command ----------------------------------------------------------------------------------
@@ -666,10 +669,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m pdiff.bench") -> 
         figure = md_path.parent / "figures" / "benchmarks" / "growth.png"
         growth_figure(report["sections"]["growth"], figure)
         report["figure"] = os.path.relpath(figure, md_path.parent)
-    for path, text in ((json_path, json.dumps(report, indent=2) + "\n"),
-                       (md_path, markdown(report))):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(text, path)
+    atomic_write_text(json.dumps(report, indent=2) + "\n", json_path, make_parents=True)
+    atomic_write_text(markdown(report), md_path, make_parents=True)
     print(f"wrote {md_path} and {json_path}", file=sys.stderr)
     return 0
 

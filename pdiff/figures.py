@@ -46,10 +46,8 @@ def _figure(path: str | Path, figsize: tuple[float, float]) -> Iterator[Figure]:
     with _style():
         fig = Figure(figsize=figsize, layout="constrained")
         yield fig
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"),
-                     suffix=path.suffix)  # savefig goes by the extension
+                     suffix=Path(path).suffix, make_parents=True)  # savefig goes by the extension
 
 
 def _np(x) -> np.ndarray:
@@ -262,10 +260,10 @@ def animate_forward_diffusion(schedule: NoiseSchedule, x0: torch.Tensor, path_gi
                 points.set_offsets(traj[steps[k]])
             ax.set_title(f"forward process $q(x_t | x_0)$, t = {steps[k]} of {T}")
 
-        Path(path_gif).parent.mkdir(parents=True, exist_ok=True)
         animation = FuncAnimation(fig, draw, frames=len(steps))
-        atomic_write(path_gif, lambda tmp: animation.save(tmp, writer=PillowWriter(fps=fps), dpi=80),
-                     suffix=Path(path_gif).suffix)
+        atomic_write(path_gif, lambda tmp: animation.save(tmp, writer=PillowWriter(fps=fps),
+                                                          dpi=80),
+                     suffix=Path(path_gif).suffix, make_parents=True)
     return Path(path_gif)
 
 

@@ -14,11 +14,15 @@ from typing import Callable
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None], *, suffix: str = ".tmp",
-                 fsync: bool = False) -> None:
+                 fsync: bool = False, make_parents: bool = False) -> None:
     """``write(tmp)`` fills a temporary file beside ``path`` (its name ends in ``suffix``, for
     writers that go by the extension), which then replaces ``path``. ``fsync``: force the data to
-    disk before the rename, so that a power cut cannot leave the new name on an empty file."""
+    disk before the rename, so that a power cut cannot leave the new name on an empty file.
+    ``make_parents``: create ``path``'s directory first if it is missing (outputs such as
+    figures; a run's own files expect their directory to exist)."""
     path = Path(path)
+    if make_parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=suffix)
     os.close(fd)
     try:
@@ -32,8 +36,9 @@ def atomic_write(path: str | Path, write: Callable[[str], None], *, suffix: str 
         raise
 
 
-def atomic_write_text(text: str, path: str | Path) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+def atomic_write_text(text: str, path: str | Path, *, make_parents: bool = False) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"),
+                 make_parents=make_parents)
 
 
 def atomic_write_bytes(data: bytes, path: str | Path) -> None:

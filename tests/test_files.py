@@ -31,3 +31,10 @@ def test_writers_replace_the_file_whole(tmp_path):
     atomic_write(tmp_path / "x.npy", seen.append, suffix=".npy")  # writers that need the suffix
     assert seen[0].endswith(".npy") and (tmp_path / "x.npy").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "c.pt", "x.npy"]
+
+
+def test_missing_directory_refused_unless_asked_to_make_it(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        atomic_write_text("x", tmp_path / "new" / "r.md")
+    atomic_write_text("x", tmp_path / "new" / "deeper" / "r.md", make_parents=True)
+    assert (tmp_path / "new" / "deeper" / "r.md").read_text() == "x"

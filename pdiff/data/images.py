@@ -142,7 +142,7 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
 
 def _download(url: str, dest: Path, md5: str) -> None:
     """Fetch ``url`` to ``dest`` atomically (a temporary file renamed), checking its md5."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)  # its own error, not a failed download
 
     def fetch(tmp: str) -> None:
         with open(tmp, "wb") as f, urllib.request.urlopen(url, timeout=60) as r:
