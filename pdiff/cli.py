@@ -35,6 +35,11 @@ class UserError(Exception):
     """A mistake in what the user asked for: reported in one line, exit code 2."""
 
 
+class RunFailed(Exception):
+    """The command ran but its result is not usable (a non-finite bound, NaN samples): reported in
+    one line, exit code 1; nothing is written."""
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -344,7 +349,7 @@ def cmd_train(args) -> int:
     try:
         last = trainer.train(progress=not args.no_progress)
     except TrainingError as e:
-        _report(f"pdiff train: {e}", e)
+        _report(f"pdiff train: error: {e}", e)
         return 1
     if distributed.is_main():
         print(json.dumps({"out": str(args.out), "step": trainer.step} | last))
@@ -581,12 +586,37 @@ def main(argv: list[str] | None = None) -> int:
         if distributed.launched() and args.command not in ("train", "evaluate"):
             raise UserError(f"pdiff {args.command} runs in one process; under torchrun only train "
                             "and evaluate split their work over processes")
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe is found here, inside the handler below
+        return code
     except (UserError, ValueError) as e:
         _report(f"pdiff {args.command}: error: {e}", e)
         return 2
+    except RunFailed as e:
+        _report(f"pdiff {args.command}: error: {e}", e)
+        return 1
+    except KeyboardInterrupt as e:
+        where = getattr(e, "resume_hint", "")
+        print(f"pdiff {args.command}: interrupted" + (f"; {where}" if where else ""),
+              file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # pdiff evaluate --json | head -c1: the reader is gone, nothing to say
+        _silence_stdout()
+        return 1
     finally:
         distributed.cleanup()
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's flush at exit does not fail on the closed pipe."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

@@ -263,7 +263,8 @@ def run_one(name: str, cell: dict, cfg: TrainConfig, run_dir: str | Path, *, eva
         return done | record | {"reused": True}
     try:
         wall, cpu = time.perf_counter(), time.process_time()
-        trainer = Trainer(cfg, run_dir, resume=resume, force=force)
+        # resume: continue from the checkpoint; a run stopped before its first one starts over
+        trainer = Trainer(cfg, run_dir, resume=resume, force=force or resume)
         start_step = trainer.step
         last = trainer.train(progress=progress)
         record |= {"train_seconds": time.perf_counter() - wall,

@@ -24,7 +24,10 @@ def atomic_write(path: str | Path, write: Callable[[str], None], *, suffix: str 
     if make_parents:
         path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=suffix)
-    os.close(fd)
+    try:  # mkstemp makes it 0600: give it the mode a plain open() would (the old file's, or umask)
+        os.fchmod(fd, _mode_of(path))
+    finally:
+        os.close(fd)
     try:
         write(tmp)
         if fsync:
@@ -34,6 +37,28 @@ def atomic_write(path: str | Path, write: Callable[[str], None], *, suffix: str 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _mode_of(path: Path) -> int:
+    """The permission bits a file written at ``path`` should have: those of the file it replaces,
+    else 0666 less the process's umask."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    try:  # read without changing it (Linux 4.7+); os.umask can only be read by setting it
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(text: str, path: str | Path, *, make_parents: bool = False) -> None:

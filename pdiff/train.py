@@ -29,13 +29,16 @@ import torch
 
 from . import distributed
 from .data import IMAGE_DATASETS, RESCALINGS, TOY_DATASETS, Rescaling
-from .files import atomic_save, atomic_write_text
+from .checkpoint import RESUME_KEYS, read_checkpoint, save_checkpoint, size_mismatch
+from .files import atomic_write_text
 from .distributions.reverse import DECODER_VARIANCES, LEARNED_VARIANCES, VARIANCES, ReverseProcess
 from .markov import model as markov_model, posterior_guide
 from .nets import EMBEDDINGS, LabelledNet, MeanVarianceNets, MLPDenoiser, UNet, unet_for
 from .objectives import OBJECTIVES, SAMPLERS, get_objective, make_sampler
 from .parameterization import PREDICTIONS
+from .resources import require_memory
 from .run_data import is_image_data, load_run_data
+from .rundir import RunDirectory
 from .schedules import SCHEDULES, make_schedule
 
 ENGINES = ("torch", "pyro")
@@ -52,6 +55,8 @@ NETS = ("auto", "mlp", "mean_variance", "unet")
 IMAGE_DEFAULTS = {"batch_size": 64, "lr": 1e-3, "ema_decay": 0.999, "warmup": 200,
                   "iterations": 2000}
 CHECKPOINT = "checkpoint.pt"
+# seeds derived from the run's (per rank, per restart of a stream) stay below 2**63
+SEED_MAX = 2**40 - 1
 
 
 class TrainingError(RuntimeError):
@@ -153,8 +158,17 @@ class TrainConfig:
                      "depth", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not (self.lr > 0 and 0 <= self.ema_decay < 1 and self.grad_clip > 0):
-            raise ValueError("need lr > 0, 0 <= ema_decay < 1 and grad_clip > 0")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if not (0 <= self.ema_decay < 1 and self.grad_clip > 0):  # NaN fails both
+            raise ValueError(f"need 0 <= ema_decay < 1 and grad_clip > 0 (inf: no clipping), got "
+                             f"ema_decay {self.ema_decay}, grad_clip {self.grad_clip}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0 steps, got {self.warmup}")
+        if not 0 <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed must be in 0..{SEED_MAX} (2**40 - 1), got {self.seed}")
         check_device(self.device)
         if (self.precision == "bf16" and self.device.startswith("cuda")
                 and not torch.cuda.is_bf16_supported()):
@@ -250,6 +264,30 @@ def build_net(cfg: TrainConfig, event_shape, num_classes: int | None = None) -> 
     return MLPDenoiser(dim, cfg.timesteps, out_multiplier=mult, **kw)
 
 
+# Lower estimates of what a run holds at once, in bytes: sizes that cannot fit are refused before
+# any work (a traceback or the OOM killer otherwise). Float64 draws plus float32 copies of the data;
+# ~20 float64 arrays of length T in the schedule plus the importance sampler's T x 10 history;
+# per example of a batch, a few copies (forward, backward, Adam) of each MLP layer's activations,
+# or ~40 feature maps of base_channels at full resolution and the attention matrices of a U-Net.
+def toy_data_bytes(cfg: TrainConfig) -> float:
+    dim = TOY_DATASETS[cfg.data]().event_shape[0] if cfg.data in TOY_DATASETS else 1
+    return (cfg.train_size + cfg.test_size) * dim * (8 + 8 + 4)
+
+
+def schedule_bytes(cfg: TrainConfig) -> float:
+    return cfg.timesteps * 8 * (20 + 10)
+
+
+def batch_bytes(cfg: TrainConfig, event_shape) -> float:
+    if len(event_shape) == 3:
+        C, H, W = event_shape
+        kw = unet_for(H, C)
+        base = cfg.channels or kw["base_channels"]
+        att = max(kw["attention_resolutions"]) ** 4 * 4 * 3  # (HW)^2 scores, softmax, grad
+        return cfg.batch_size * (base * H * W * 40 * 4 + att)
+    return cfg.batch_size * (cfg.hidden * cfg.depth * 6 + event_shape[0] * 8) * 4
+
+
 def build_model(cfg: TrainConfig, net, num_levels: int | None = None) -> ReverseProcess:
     """p_theta around ``net``: a Gaussian decoder for toys, the discretized decoder over
     ``num_levels`` levels (and 3 event dimensions) for images."""
@@ -291,14 +329,20 @@ def load_run(out: str | Path, *, ema: bool = True, device: str | torch.device = 
     path = Path(out) / CHECKPOINT
     if not path.is_file():
         raise ValueError(f"no checkpoint in {str(out)!r} (expected {path})")
+    state = read_checkpoint(path, device=device)  # verified: keys, checksum, finite weights
     try:
-        state = torch.load(path, map_location=device, weights_only=False)
         cfg = TrainConfig.from_dict(state["config"])
         event_shape = tuple(state["event_shape"] if "event_shape" in state else (state["dim"],))
         net = build_net(cfg, event_shape, state.get("num_classes"))
-        net.load_state_dict(state["ema" if ema else "net"])
-    except Exception as e:  # a truncated or foreign file
-        raise ValueError(f"checkpoint {path} is corrupt or not a pdiff checkpoint: {e}") from None
+    except Exception as e:  # a configuration this version cannot build
+        raise ValueError(f"checkpoint {path} holds a configuration that cannot be built: "
+                         f"{e}") from None
+    weights = state["ema" if ema else "net"]
+    mismatch = size_mismatch(net, weights)
+    if mismatch:
+        raise ValueError(f"checkpoint {path} holds a network of another size than its "
+                         f"configuration describes ({mismatch})")
+    net.load_state_dict(weights)
     net.to(device, torch.float32).eval()
     resc = Rescaling(state["rescale_shift"], state["rescale_scale"])
     model = build_model(cfg, net, state.get("num_levels"))
@@ -315,17 +359,36 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, out: str | Path, *, resume: bool = False, force: bool = False):
+        # Everything is checked (options, the directory, memory, data, network, optimizer, the run
+        # to resume) before the first byte is written; under force the old run is replaced only at
+        # the new one's first checkpoint (see pdiff.rundir).
         self.cfg = cfg.validate()
         self.out = Path(out)
         self.device = distributed.init(cfg.device)  # cuda:LOCAL_RANK under torchrun
         self.world_size, self.rank = distributed.world_size(), distributed.rank()
-        # rank 0 checks and prepares the directory; its refusal is raised on every rank
-        has_checkpoint = distributed.on_main(lambda: self._prepare_dir(resume, force))
+        if cfg.batch_size % self.world_size:
+            raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible "
+                             f"by the number of processes, {self.world_size}")
+        self.rundir: RunDirectory | None = None  # rank 0's; the others write nothing
+        self.saved_step: int | None = None  # the step of the checkpoint on disk, if any
+
+        def check_dir() -> bool:
+            self.rundir = RunDirectory(self.out, resume=resume, force=force)
+            return self.rundir.resume
+        resuming = distributed.on_main(check_dir)  # a refusal is raised on every rank
         self.local_batch = cfg.batch_size // self.world_size
+        if not is_image_data(cfg.data):
+            require_memory(toy_data_bytes(cfg), f"the training data ({cfg.train_size} + "
+                           f"{cfg.test_size} points)", hint="lower --train-size or --test-size")
+        require_memory(schedule_bytes(cfg), f"a schedule of T = {cfg.timesteps} steps",
+                       hint="lower --timesteps")
         torch.manual_seed(cfg.seed)
         data = load_run_data(cfg)
         self.event_shape, self.num_levels = data.event_shape, data.num_levels
         self.rescaling = data.rescaling
+        require_memory(batch_bytes(cfg, self.event_shape) / self.world_size,
+                       f"a training batch of {cfg.batch_size}", hint="lower --batch-size"
+                       + (" or --image-size" if data.is_image else ""))
         # data_on "device": the whole train split lives on the device, batches are gathered there
         # with no copy per step. "host": it stays in host memory, pinned for a CUDA device, and
         # each batch is gathered on the host into pinned memory and copied without a wait
@@ -356,8 +419,27 @@ class Trainer:
         if cfg.data_on == "host":
             self.index_gen = torch.Generator().manual_seed(self._index_seed(0))
         self.step = 0
-        if has_checkpoint:
+        # the mean loss of the next metrics line accumulates over the steps since the last one; a
+        # checkpoint holds both, so a resumed log equals an uninterrupted one line for line
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.steps_since_log = 0
+        if resuming:
             self._load()
+        distributed.on_main(self._open_dir)  # the first write
+
+    def _open_dir(self) -> None:
+        """Create (or lock) the run directory and write config.json; on a resume, first drop the
+        metric lines after the checkpoint (and a partial last line)."""
+        path = self.rundir.open()
+        if self.rundir.resume:
+            self._truncate_metrics(path / "metrics.jsonl")
+        atomic_write_text(json.dumps(asdict(self.cfg), indent=2), path / "config.json")
+
+    @property
+    def path(self) -> Path:
+        """Where the run's files are written now: ``out``, or the staging directory under
+        ``--force`` until the first checkpoint."""
+        return self.rundir.path if self.rundir is not None else self.out
 
     def _training_net(self) -> torch.nn.Module:
         """The plain module, wrapped for data parallelism, compilation and precision as asked."""
@@ -375,45 +457,14 @@ class Trainer:
         self.labelled = LabelledNet(net) if self.cfg.class_cond else None
         return self.labelled or net
 
-    def _prepare_dir(self, resume: bool, force: bool) -> bool:
-        """Check and create the run directory, write config.json (rank 0 only); returns whether there
-        is a checkpoint to resume from."""
-        W = distributed.world_size()
-        if self.cfg.batch_size % W:
-            raise ValueError(f"--batch-size {self.cfg.batch_size} (the global batch) must be divisible "
-                             f"by the number of processes, {W}")
-        ckpt = self.out / CHECKPOINT
-        if self.out.exists() and any(self.out.iterdir()) and not (resume or force):
-            raise ValueError(f"run directory {str(self.out)!r} exists and is not empty; pass --resume "
-                             "to continue it or --force to overwrite it")
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            probe = self.out / ".write_test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as e:
-            raise ValueError(f"cannot write to run directory {str(self.out)!r}: {e.strerror}") from None
-        has_checkpoint = resume and ckpt.exists()
-        if has_checkpoint:
-            saved = json.loads((self.out / "config.json").read_text())
-            mine = asdict(self.cfg)
-            # runtime fields missing from an older config.json read as their defaults
-            differ = [k for k in mine if k not in RUNTIME_FIELDS and saved.get(k) != mine[k]]
-            if differ:
-                raise ValueError(f"cannot resume {str(self.out)!r}: its configuration differs in "
-                                 + ", ".join(f"{k} (saved {saved.get(k)!r}, given {mine[k]!r})" for k in differ))
-        elif force:
-            for name in (CHECKPOINT, "metrics.jsonl", "config.json"):
-                (self.out / name).unlink(missing_ok=True)
-        atomic_write_text(json.dumps(asdict(self.cfg), indent=2), self.out / "config.json")
-        return has_checkpoint
-
     def _index_seed(self, step: int) -> int:
         """The seed of the host index stream of host data (``step``: where it starts afresh)."""
         return distributed.rank_seed((self.cfg.seed * 1_000_003 + step) * 2 + 1)
 
     def _rng_state(self) -> dict:
-        state = {"generator": self.gen.get_state(), "torch_rng": torch.get_rng_state()}
+        """This rank's random streams, and its part of the metrics line being accumulated."""
+        state = {"generator": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
+                 "loss_sum": self.loss_sum.detach().cpu().clone()}
         if self.index_gen is not self.gen:
             state["index_generator"] = self.index_gen.get_state()
         if self.device.type == "cuda":
@@ -428,29 +479,45 @@ class Trainer:
             return None
         return {"net": self.net.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
                 "step": self.step, "generator": rngs[0]["generator"], "torch_rng": rngs[0]["torch_rng"],
-                "rng": rngs, "world_size": len(rngs),
+                "rng": rngs, "world_size": len(rngs), "steps_since_log": self.steps_since_log,
                 "sampler": self.sampler.state_dict(), "config": asdict(self.cfg),
                 "event_shape": list(self.event_shape), "num_levels": self.num_levels,
                 "num_classes": self.num_classes,
                 "rescale_shift": self.rescaling.shift, "rescale_scale": self.rescaling.scale}
 
+    def _read_resume_state(self) -> dict:
+        """Rank 0: check config.json and the checkpoint against this run's options and return the
+        verified checkpoint (the directory is locked already). Reads only."""
+        path = self.out / CHECKPOINT
+        self._check_same(self.rundir.read_config(), "its configuration (config.json)")
+        state = read_checkpoint(path, keys=RESUME_KEYS)
+        self._check_same(state["config"], f"the configuration saved in {path}")
+        mismatch = size_mismatch(self.net, state["net"])
+        if mismatch:
+            raise ValueError(f"cannot resume from {path}: it holds a network of another size "
+                             f"({mismatch})")
+        return state
+
+    def _check_same(self, saved, source: str) -> None:
+        """``ValueError`` naming each option in which ``saved`` differs from this run's (fields
+        that only change how fast a run trains may differ; missing ones read as their defaults)."""
+        saved = saved if isinstance(saved, dict) else {}
+        mine = asdict(self.cfg)
+        differ = [k for k in mine if k not in RUNTIME_FIELDS and saved.get(k) != mine[k]]
+        if differ:
+            raise ValueError(f"cannot resume {str(self.out)!r}: {source} differs in "
+                             + ", ".join(f"{k} (saved {saved.get(k)!r}, given {mine[k]!r})"
+                                         for k in differ))
+
     def _load(self) -> None:
         path = self.out / CHECKPOINT
-
-        def read():
-            try:
-                return torch.load(path, map_location="cpu", weights_only=False)
-            except Exception as e:
-                raise ValueError(f"checkpoint {path} is corrupt or not a pdiff checkpoint: "
-                                 f"{e}") from None
-
-        state = distributed.on_main(read)  # read once, handed to every rank (no shared disk needed)
+        state = distributed.on_main(self._read_resume_state)  # read once, handed to every rank
         try:
             self.net.load_state_dict(state["net"])
             self.ema.load_state_dict(state["ema"])
             self.opt.load_state_dict(state["opt"])
             self.sampler.load_state_dict(state["sampler"])
-            self.step = state["step"]
+            self.step = self.saved_step = state["step"]
             # one state per rank; older checkpoints hold one process's
             rngs = state.get("rng") or [{k: state[k] for k in ("generator", "torch_rng")}]
             if len(rngs) == self.world_size:
@@ -464,6 +531,12 @@ class Trainer:
                         self.index_gen.set_state(mine["index_generator"])
                     else:
                         self.index_gen.manual_seed(self._index_seed(state["step"]))
+            # the metrics line in progress (older checkpoints: none, the line restarts here)
+            if "steps_since_log" in state and all("loss_sum" in r for r in rngs):
+                self.steps_since_log = state["steps_since_log"]
+                sums = [r["loss_sum"] for r in rngs]
+                mean = sums[self.rank] if len(rngs) == self.world_size else sum(sums) / len(sums)
+                self.loss_sum.copy_(mean)
         except Exception as e:
             raise ValueError(f"checkpoint {path} is corrupt or not a pdiff checkpoint: {e}") from None
         if len(rngs) != self.world_size:
@@ -476,21 +549,44 @@ class Trainer:
             torch.manual_seed(seed)
             if self.index_gen is not self.gen:
                 self.index_gen.manual_seed(self._index_seed(self.step))
-        if distributed.is_main():
-            self._truncate_metrics()
 
-    def _truncate_metrics(self) -> None:
-        """Drop metric lines logged after the checkpoint, so a resumed log has no duplicates."""
-        path = self.out / "metrics.jsonl"
-        if path.exists():
-            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
-            atomic_write_text("".join(ln + "\n" for ln in keep), path)
+    def _truncate_metrics(self, path: Path) -> None:
+        """Drop metric lines logged after the checkpoint and any line a kill left half-written, so
+        a resumed log has no duplicates and parses."""
+        if not path.exists():
+            return
+        keep = []
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+                if isinstance(entry, dict) and entry["step"] <= self.step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue  # a partial or damaged line
+        atomic_write_text("".join(ln + "\n" for ln in keep), path)
 
     def save(self) -> None:
-        """Write the checkpoint (rank 0); every rank must call it."""
+        """Write the checkpoint (rank 0); every rank must call it. The first one of a run that
+        replaces another (``--force``) puts the new run in place of the old."""
         state = self._state()
-        if state is not None:
-            atomic_save(state, self.out / CHECKPOINT)
+        if state is None:
+            return
+        try:
+            save_checkpoint(state, self.path / CHECKPOINT)
+            self.rundir.commit()
+        except OSError as e:
+            raise TrainingError(f"could not write the checkpoint of step {self.step} in "
+                                f"{self.path} ({e.strerror or e}); {self._kept()}") from None
+        self.saved_step = self.step
+
+    def _kept(self) -> str:
+        """What is on disk now, for a message about a run that stopped."""
+        if self.rundir is not None and self.rundir.staged:
+            return f"the old run in {self.out} is untouched"
+        if self.saved_step is not None:
+            return (f"the last good checkpoint (step {self.saved_step}) in {self.out} is kept; "
+                    "continue with the same command and --resume")
+        return f"no checkpoint was written in {self.out}; rerun with --force to start over"
 
     def _loss(self, x0: torch.Tensor) -> torch.Tensor:
         if self.cfg.engine == "pyro":
@@ -557,8 +653,8 @@ class Trainer:
         if first < 2**62 or bad_weights:
             what = (f"non-finite loss at step {first}" if first < 2**62
                     else f"non-finite weights by step {self.step}")
-            error = TrainingError(f"{what}; stopped at step {self.step} before saving: the last "
-                                  f"good checkpoint in {self.out} is kept")
+            error = TrainingError(f"{what}; stopped at step {self.step} before saving: "
+                                  f"{self._kept()}")
             error.on_every_rank = across_ranks and distributed.world_size() > 1
             raise error
 
@@ -574,10 +670,9 @@ class Trainer:
         main = distributed.is_main()
         bar = tqdm(total=cfg.iterations, initial=self.step, disable=not (progress and main),
                    desc="train", dynamic_ncols=True)
-        log = (self.out / "metrics.jsonl").open("a") if main else None
-        last, t0, done_since = {}, time.perf_counter(), 0
-        # summed on the device: no sync per step
-        loss_sum = torch.zeros((), device=self.device)
+        log = (self.path / "metrics.jsonl").open("a") if main else None
+        last, t0, since = {}, time.perf_counter(), self.step
+        # the loss is summed on the device (self.loss_sum): no sync per step
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         first_ok = torch.zeros((), dtype=torch.long, device=self.device)
         checked = self.step  # losses before this step are known to be finite
@@ -617,8 +712,8 @@ class Trainer:
                     raise
                 self._update_ema()
                 self.step += 1
-                done_since += 1
-                loss_sum += loss.detach()
+                self.steps_since_log += 1
+                self.loss_sum += loss.detach()
                 if not host:
                     nonfinite |= ~torch.isfinite(loss.detach())
                     first_ok += ~nonfinite
@@ -635,19 +730,34 @@ class Trainer:
                 first_ok.zero_()
                 if log_now:
                     elapsed = time.perf_counter() - t0
-                    mean = distributed.all_reduce(loss_sum, "mean") / done_since  # over all ranks
+                    mean = distributed.all_reduce(self.loss_sum, "mean") / self.steps_since_log
+                    # it/s over this session's steps of the line (a resumed line counts its own)
                     last = {"step": self.step, "loss": mean.item(), "lr": self._lr(),
-                            "it_per_s": done_since / elapsed if elapsed > 0 else math.nan}
+                            "it_per_s": done / elapsed if (done := self.step - since) and elapsed > 0
+                            else None}
                     if log is not None:
-                        log.write(json.dumps(last) + "\n")
-                        log.flush()
+                        self._write_log(log, last)
                     bar.set_postfix(loss=f"{last['loss']:.4f}")
-                    t0, done_since = time.perf_counter(), 0
-                    loss_sum.zero_()
+                    t0, since, self.steps_since_log = time.perf_counter(), self.step, 0
+                    self.loss_sum.zero_()
                 if save_now:
                     self.save()
+        except KeyboardInterrupt as e:
+            e.resume_hint = self._kept()
+            raise
         finally:
             if log is not None:
                 log.close()
             bar.close()
+            if self.rundir is not None:
+                self.rundir.abandon()  # a staged run that never reached a checkpoint
+                self.rundir.release()
         return last
+
+    def _write_log(self, log, entry: dict) -> None:
+        try:
+            log.write(json.dumps(entry) + "\n")
+            log.flush()
+        except OSError as e:
+            raise TrainingError(f"could not write {self.path / 'metrics.jsonl'} ({e.strerror or e}); "
+                                f"{self._kept()}") from None

@@ -200,7 +200,7 @@ def test_invalid_grids_are_refused(axes, seeds, kw, message):
 @pytest.mark.parametrize("axes, kw, message", [
     ({"schedule": ("linear", "nope")}, {}, "schedule 'nope'.*unknown schedule 'nope'; valid: "),
     ({"variance": ("fixed_large",), "net": ("mean_variance",)}, {}, "need a learned variance"),
-    ({"lr": (1e-3, -1.0)}, {}, "need lr > 0"),
+    ({"lr": (1e-3, -1.0)}, {}, "lr must be a finite number > 0"),
     ({"objective": ("simple",)}, {"eval_samples": 201}, r"must not exceed the test split \(200"),
     # test_size is itself an axis: each run's own split is checked
     ({"test_size": (200, 40)}, {"metric_samples": 50}, r"test_size 40: .*\(40 points\)"),
