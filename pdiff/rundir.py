@@ -131,8 +131,9 @@ class RunDirectory:
 
     def release(self) -> None:
         for fd in self._locks:
-            os.close(fd)
+            _drop_lock(fd)
         self._locks.clear()
+        self._out_lock = None
 
     def __del__(self):
         self.abandon()
@@ -153,21 +154,45 @@ def _check_writable(out: Path) -> None:
 
 
 def _take_lock(folder: Path) -> int:
+    """An open descriptor of ``folder``'s lock file, exclusively locked; ``RunInUse`` if another
+    process holds it. The file is removed on release (``_drop_lock``), so a lock taken on a file
+    that has just been removed is let go and taken again on the new one."""
     import fcntl
 
-    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+    path = folder / LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                raise RunInUse(f"run directory {str(folder)!r} is in use by process {holder} (a "
+                               "pdiff train running in it); wait for it to finish or stop it "
+                               "first") from None
+            raise
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
         os.close(fd)
-        if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
-            raise RunInUse(f"run directory {str(folder)!r} is in use by process {holder} (a "
-                           "pdiff train running in it); wait for it to finish or stop it first") from None
-        raise
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     return fd
+
+
+def _drop_lock(fd: int) -> None:
+    """Remove the lock file this descriptor holds (if it is still that file), then let go."""
+    try:
+        target = Path(f"/proc/self/fd/{fd}").readlink()
+        if os.stat(target).st_ino == os.fstat(fd).st_ino:
+            os.unlink(target)
+    except OSError:
+        pass  # no /proc, or the folder is gone: the lock is let go all the same
+    os.close(fd)
 
 
 def _remove_if_unlocked(folder: Path) -> None:
@@ -178,7 +203,7 @@ def _remove_if_unlocked(folder: Path) -> None:
     try:
         shutil.rmtree(folder, ignore_errors=True)
     finally:
-        os.close(fd)
+        _drop_lock(fd)
 
 
 def _exchange(a: Path, b: Path) -> None:

@@ -81,7 +81,7 @@ def test_force_replaces_the_run_whole_at_its_first_checkpoint(old_run):
     (old_run / "eval.json").write_text("{}")  # compare's record of the old run goes with it
     Trainer(tiny(seed=1, iterations=20), old_run, force=True).train(progress=False)
     assert load_run(old_run).config.seed == 1
-    assert sorted(p.name for p in old_run.iterdir()) == [".pdiff.lock", CHECKPOINT, "config.json",
+    assert sorted(p.name for p in old_run.iterdir()) == [CHECKPOINT, "config.json",
                                                          "metrics.jsonl"]
     assert [m["step"] for m in metrics(old_run)] == [10, 20]
     assert sorted(p.name for p in old_run.parent.iterdir()) == ["run"]
