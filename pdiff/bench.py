@@ -658,19 +658,51 @@ def run(args: argparse.Namespace, command: str) -> dict:
     return report
 
 
+def _unwritable(path: Path) -> str | None:
+    """Why ``path`` cannot be written as a file (its missing folders are created), or None."""
+    if path.is_dir():
+        return f"{path} is a directory; expected a file name"
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"cannot write {path}: {folder} is not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"cannot write {path}: folder {folder} is not writable"
+    return None
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m pdiff.bench") -> int:
-    """The command line (``pdiff bench`` passes ``prog="pdiff bench"``); returns the exit code."""
+    """The command line (``pdiff bench`` passes ``prog="pdiff bench"``); returns the exit code:
+    2 for outputs that cannot be written (checked before anything is measured), 1 when writing
+    fails (a full disk)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     tune_allocator()  # as the command line does, for both sides of every ratio
     args = parser(prog).parse_args(argv)
-    report = run(args, prog + "".join(" " + shlex.quote(a) for a in argv))
     md_path, json_path = Path(args.out_md), Path(args.out_json)
+    figure = md_path.parent / "figures" / "benchmarks" / "growth.png"
+    outputs = [json_path, md_path] + ([figure] if "growth" in args.only else [])
+    problem = ("--out-json and --out-md name the same file" if json_path.resolve() == md_path.resolve()
+               else next(filter(None, map(_unwritable, outputs)), None))
+    if problem:
+        print(f"{prog}: error: {problem}", file=sys.stderr)
+        return 2
+    report = run(args, prog + "".join(" " + shlex.quote(a) for a in argv))
+    writes = []
     if "growth" in report["sections"]:
-        figure = md_path.parent / "figures" / "benchmarks" / "growth.png"
-        growth_figure(report["sections"]["growth"], figure)
         report["figure"] = os.path.relpath(figure, md_path.parent)
-    atomic_write_text(json.dumps(report, indent=2) + "\n", json_path, make_parents=True)
-    atomic_write_text(markdown(report), md_path, make_parents=True)
+        writes.append((figure, lambda: growth_figure(report["sections"]["growth"], figure)))
+    writes += [(json_path, lambda: atomic_write_text(json.dumps(report, indent=2) + "\n", json_path,
+                                                     make_parents=True)),
+               (md_path, lambda: atomic_write_text(markdown(report), md_path, make_parents=True))]
+    for k, (path, write) in enumerate(writes):
+        try:
+            write()
+        except OSError as e:  # each write is atomic: the file is the old one, or none
+            done = ", ".join(str(p) for p, _ in writes[:k])
+            print(f"{prog}: error: could not write {path}: {e.strerror or e}"
+                  + (f" (written: {done})" if done else ""), file=sys.stderr)
+            return 1
     print(f"wrote {md_path} and {json_path}", file=sys.stderr)
     return 0
 

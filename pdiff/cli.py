@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 import warnings
@@ -18,7 +19,8 @@ from .data.toy import toy_split
 from .distributions import DECODER_VARIANCES, FIXED_VARIANCES, VARIANCES
 from .objectives import OBJECTIVES
 from .compare import draw_samples, evaluate_run
-from .evaluation import bound_report
+from .evaluation import bound_bytes, bound_report
+from .resources import require_memory
 from .run_data import is_image_data
 from . import distributed
 from .runtime import tune_allocator
@@ -50,6 +52,35 @@ def _positive_int(text: str) -> int:
     return value
 
 
+# Seeds derived from a seed (2 seed + 1 for a test split, seed + 1_000_003 for the entropy's draws)
+# stay within what torch.Generator.manual_seed takes, 0..2**64 - 1.
+SEED_MAX = 2**63 - 1
+
+
+def _int_in(low: int, high: int | None = None):
+    """An argparse type: an integer in low..high (``high`` None: no upper end)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            valid = f"an integer in {low}..{high}" if high is not None else f"an integer >= {low}"
+            raise argparse.ArgumentTypeError(f"expected {valid}, got {text!r}")
+        return value
+    return parse
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):  # nan, inf, 1e400
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def _load_array(path: str) -> torch.Tensor:
     """An array from a .npy file or a whitespace/comma-separated text file, one example a row."""
     p = Path(path)
@@ -69,9 +100,37 @@ def _load_array(path: str) -> torch.Tensor:
     return torch.as_tensor(arr, dtype=torch.float64)
 
 
-def _oracle_model(args, data):
+def _load_betas(path: str) -> torch.Tensor:
+    """beta_1..beta_T from a file: one row or one column (a 1-D .npy array is one column)."""
+    b = _load_array(path)
+    if b.dim() != 2 or 1 not in b.shape:
+        raise UserError(f"--betas {path!r}: expected beta_1..beta_T as one row or one column, got "
+                        f"shape {tuple(b.shape)}")
+    return b.flatten()
+
+
+# evaluate's options of the oracle denoiser and their defaults: None on the command line means not
+# given, so that one given with --checkpoint (which has its own) is refused
+ORACLE_DEFAULTS = {"denoiser": "oracle", "schedule": "cosine", "timesteps": 1000,
+                   "variance": "fixed_large", "decoder_variance": "beta1", "rescale": "none"}
+ORACLE_OPTIONS = ("data", "denoiser", "schedule", "timesteps", "betas", "variance",
+                  "decoder_variance", "rescale")
+CHECKPOINT_OPTIONS = ("metric_samples", "data_dir")
+DEFAULT_EVAL_SAMPLES = 4000
+
+
+def _given(args, names) -> list[str]:
+    return ["--" + n.replace("_", "-") for n in names if getattr(args, n, None) is not None]
+
+
+def _applies(given: list[str]) -> str:
+    return f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'}"
+
+
+def _oracle_data(args) -> GaussianMixture:
     if args.data is None:
         raise UserError("--data is required with --denoiser oracle (or give --checkpoint DIR)")
+    data = get_toy(args.data)
     if not isinstance(data, GaussianMixture):
         mixtures = sorted(k for k, f in TOY_DATASETS.items() if isinstance(f(), GaussianMixture))
         raise UserError(f"the oracle denoiser needs Gaussian-mixture data; {args.data!r} is not one "
@@ -79,10 +138,10 @@ def _oracle_model(args, data):
     if args.variance not in FIXED_VARIANCES:
         raise UserError(f"the oracle predicts only the mean; --variance must be one of "
                         f"{', '.join(FIXED_VARIANCES)}, got {args.variance!r}")
-    if args.betas:
-        schedule = NoiseSchedule.from_betas(_load_array(args.betas).flatten())
-    else:
-        schedule = make_schedule(args.schedule, args.timesteps)
+    return data
+
+
+def _oracle_model(args, data: GaussianMixture, schedule: NoiseSchedule):
     rescaling = fit_rescaling(args.rescale, data, data.event_shape[0])
     model = ReverseProcess(MixtureDenoiser(rescaling.mixture(data), schedule), schedule,
                            prediction="x0", variance=args.variance,
@@ -97,6 +156,12 @@ def _oracle_model(args, data):
 def cmd_evaluate(args) -> int:
     if args.checkpoint:
         return _evaluate_checkpoint(args)
+    if given := _given(args, CHECKPOINT_OPTIONS):
+        raise UserError(f"{_applies(given)} to a trained network (--checkpoint DIR), not to the "
+                        "oracle")
+    for name, value in ORACLE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     distributed.init("cpu")  # under torchrun each rank evaluates a slice of the test points
     if args.device != "cpu":
         raise UserError("--device applies to a trained network (--checkpoint); the oracle is "
@@ -105,52 +170,135 @@ def cmd_evaluate(args) -> int:
         raise UserError("--precision applies to a trained network (--checkpoint); the oracle is "
                         "evaluated in float64")
     torch.set_default_dtype(torch.float64)  # the oracle is analytic: evaluate it in float64
-    data = get_toy(args.data) if args.data else None
-    model, rescaling, config = _oracle_model(args, data)
-    dim = data.event_shape[0]
-    if args.data_file:
-        x = check_data(_load_array(args.data_file), dim, what=f"data in {args.data_file!r}")
-    else:
-        _, x = toy_split(data, 0, args.samples, args.seed)
+    data = _oracle_data(args)
+    dim, K = data.event_shape[0], data.num_components
+    betas = _load_betas(args.betas) if args.betas else None
+    T = len(betas) if betas is not None else args.timesteps
+    x = None
+    if args.data_file:  # its first --samples rows, all by default
+        x = check_data(_load_array(args.data_file), dim,
+                       what=f"data in {args.data_file!r}")[: args.samples]
+    n = len(x) if x is not None else args.samples or DEFAULT_EVAL_SAMPLES
+    # the oracle's work per (example, step) pair: K posterior means and gains of D values
+    require_memory(bound_bytes(n, T, dim, chunk_size=args.chunk_size, net_bytes_per_pair=6 * K * dim * 8),
+                   f"the bound over {n} test points x T = {T} steps",
+                   hint="lower --samples or --timesteps")
+    require_memory(args.entropy_samples * (3 + 3 * K) * dim * 8,
+                   f"the data entropy from {args.entropy_samples} draws",
+                   hint="lower --entropy-samples")
+    schedule = (NoiseSchedule.from_betas(betas) if betas is not None
+                else make_schedule(args.schedule, args.timesteps))
+    model, rescaling, config = _oracle_model(args, data, schedule)
+    if x is None:
+        _, x = toy_split(data, 0, n, args.seed)
     entropy = entropy_mc(data, args.entropy_samples,
                          generator=torch.Generator().manual_seed(args.seed + 1_000_003))
     # the paired gap estimate needs test points drawn from the data itself
     log_px = data.log_prob(x) if has_exact_density(data) and not args.data_file else None
     gen = torch.Generator().manual_seed(distributed.rank_seed(args.seed))  # each rank its own draws
+    z = rescaling.apply(x)
     with torch.no_grad():
-        report = bound_report(model, rescaling.apply(x), log_jacobian=rescaling.log_abs_det,
+        report = bound_report(model, z, log_jacobian=rescaling.log_abs_det,
                               entropy=entropy, data_log_prob=log_px, chunk_size=args.chunk_size,
                               generator=gen).to_dict()
+    _require_finite(report, lambda: _size_reason(z, network=False)
+                    or "the oracle's arithmetic overflowed on these test points")
     config["seed"] = args.seed
     if distributed.is_main():
-        print(json.dumps(report | config) if args.json else _summary(report, config))
+        print(_json(report | config) if args.json else _summary(report, config))
     return 0
 
 
 def _evaluate_checkpoint(args) -> int:
+    if given := _given(args, ORACLE_OPTIONS):
+        raise UserError(f"{_applies(given)} to the oracle denoiser; a --checkpoint run is "
+                        "evaluated with its own data, schedule and variance (drop the option)")
     # under torchrun each rank evaluates a slice of the test points (on cuda:LOCAL_RANK with cuda)
     run = _load_run_with_data_dir(args, distributed.init(check_device(args.device)))
     run.model = run.model.replace(net=wrap_precision(run.model.net, args.precision, run.device.type))
     cfg = run.config
+    image = is_image_data(cfg.data)
     dim = run.rescaling.shift.numel()
     x = None
-    if args.data_file and is_image_data(cfg.data):
+    if args.data_file and image:
         raise UserError("--data-file takes vectors; an image run is evaluated on its dataset's "
                         "test split (--data-dir to point at the files)")
-    if args.data_file:
-        x = check_data(_load_array(args.data_file), dim, what=f"data in {args.data_file!r}")
+    if args.data_file:  # its first --samples rows, all by default
+        x = check_data(_load_array(args.data_file), dim,
+                       what=f"data in {args.data_file!r}")[: args.samples]
+    samples = args.samples or DEFAULT_EVAL_SAMPLES
+    n = len(x) if x is not None else samples if image else min(samples, cfg.test_size)
+    # what stays in host memory: the N x T terms and the N examples (the chunks run on --device)
+    require_memory(bound_bytes(n, cfg.timesteps, dim, chunk_size=0),
+                   f"the bound over {n} test points x T = {cfg.timesteps} steps",
+                   hint="lower --samples")
     # sampling images costs T U-Net passes per batch: fewer samples by default
-    default_metric = 256 if is_image_data(cfg.data) else min(2000, cfg.test_size)
+    default_metric = 256 if image else min(2000, cfg.test_size)
     metric = args.metric_samples if args.metric_samples is not None else default_metric
-    report = evaluate_run(run, samples=args.samples, seed=args.seed, metric_samples=metric,
+    report = evaluate_run(run, samples=samples, seed=args.seed, metric_samples=metric,
                           entropy_samples=args.entropy_samples, chunk_size=args.chunk_size, x=x)
     report.pop("_samples", None)
+    _require_finite(report, lambda: _checkpoint_reason(report, x, run))
     config = asdict(cfg) | {"denoiser": "checkpoint", "checkpoint": str(args.checkpoint),
                             "step": run.step, "eval_seed": args.seed, "eval_precision": args.precision,
                             "eval_processes": distributed.world_size()}
     if distributed.is_main():
-        print(json.dumps(report | config) if args.json else _summary(report, config))
+        print(_json(report | config) if args.json else _summary(report, config))
     return 0
+
+
+def _json(obj: dict) -> str:
+    """Strict JSON (RFC 8259): NaN and infinities were refused before (``_require_finite``)."""
+    return json.dumps(obj, allow_nan=False)
+
+
+def _nonfinite(report: dict) -> list[str]:
+    """The report's entries that are NaN or infinite (for a list, how many of its values)."""
+    bad = []
+    for key, value in report.items():
+        values = value if isinstance(value, list) else [value]
+        n = sum(isinstance(v, float) and not math.isfinite(v) for v in values)
+        if n:
+            bad.append(key if not isinstance(value, list) else f"{key} ({n} of {len(value)})")
+    return bad
+
+
+def _require_finite(report: dict, reason) -> None:
+    """``RunFailed`` naming the non-finite entries of ``report`` and ``reason()``, if any."""
+    bad = _nonfinite(report)
+    if bad:
+        raise RunFailed(f"the result is not finite: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} "
+                        f"NaN or infinite ({reason()}); nothing printed")
+
+
+def _size_reason(z: torch.Tensor, *, network: bool) -> str | None:
+    """The size of the (rescaled) test points ``z``, if it explains a bound that is not finite:
+    the bound is computed in float64, a network in float32."""
+    top = float(z.abs().max()) if z.numel() else 0.0
+    if not top < math.sqrt(torch.finfo(torch.float64).max / 10):
+        return f"the (rescaled) test points reach |x| = {top:.3g}, whose square overflows float64"
+    if network and not top < 1e30:
+        return (f"the (rescaled) test points reach |x| = {top:.3g}, near the end of the float32 "
+                "range the network computes in")
+    return None
+
+
+def _checkpoint_reason(report: dict, x: torch.Tensor | None, run) -> str:
+    """Why a run's report is not finite; its weights are (``load_run`` checks)."""
+    bound = [b for b in _nonfinite(report) if not b.startswith(("energy_", "sliced_"))]
+    if not bound:
+        return "the model's samples are not finite: the sampling chain diverged"
+    return ((x is not None and _size_reason(run.rescaling.apply(x), network=True))
+            or "the network's outputs overflowed on these test points")
+
+
+def _f(v: float) -> str:
+    """Four decimals, or six significant digits for a number too large for them to mean much."""
+    return f"{v:.4f}" if abs(v) < 1e9 else f"{v:.6g}"
+
+
+def _stderr(se: float | None) -> str:
+    return "n/a" if se is None else _f(se)
 
 
 def _summary(r: dict, cfg: dict) -> str:
@@ -159,16 +307,16 @@ def _summary(r: dict, cfg: dict) -> str:
     lines = [f"{cfg['data']}: {what}, {cfg['schedule']} schedule, T = "
              f"{cfg['timesteps']}, variance {cfg['variance']}, decoder variance "
              f"{cfg['decoder_variance']}, rescale {cfg['rescale']}, {r['num_samples']} test points",
-             f"  bound on -log p(x):  {r['nll_nats']:.4f} +- {r['nll_stderr']:.4f} nats "
-             f"({r['bits_per_dim']:.4f} bits/dim, D = {r['dim']})",
+             f"  bound on -log p(x):  {_f(r['nll_nats'])} +- {_stderr(r['nll_stderr'])} nats "
+             f"({_f(r['bits_per_dim'])} bits/dim, D = {r['dim']})",
              f"  prior term L_T:      {r['prior_nats']:.3g} nats",
-             f"  decoder term L_0:    {r['terms_nats'][0]:.4f} nats",
-             f"  transition terms:    {sum(r['terms_nats'][1:]):.4f} nats (sum of L_1..L_{{T-1}})"]
+             f"  decoder term L_0:    {_f(r['terms_nats'][0])} nats",
+             f"  transition terms:    {_f(sum(r['terms_nats'][1:]))} nats (sum of L_1..L_{{T-1}})"]
     if r["log_jacobian_nats"]:
-        lines.append(f"  rescaling log-Jacobian: {r['log_jacobian_nats']:.4f} nats (subtracted)")
+        lines.append(f"  rescaling log-Jacobian: {_f(r['log_jacobian_nats'])} nats (subtracted)")
     if r["entropy_nats"] is not None:
-        lines.append(f"  data entropy:        {r['entropy_nats']:.4f} +- {r['entropy_stderr']:.4f} nats; "
-                     f"gap {r['gap_nats']:.4f} +- {r['gap_stderr']:.4f}")
+        lines.append(f"  data entropy:        {_f(r['entropy_nats'])} +- {_stderr(r['entropy_stderr'])} "
+                     f"nats; gap {_f(r['gap_nats'])} +- {_stderr(r['gap_stderr'])}")
     if "energy_distance" in r:
         lines.append(f"  samples vs held-out: energy distance {r['energy_distance']:.4f}, sliced "
                      f"W2 {r['sliced_wasserstein']:.4f} ({r['metric_samples']} points each)")
@@ -180,25 +328,35 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     ev = sub.add_parser("evaluate", help="every term of the variational bound on test data")
     ev.add_argument("--checkpoint", metavar="DIR", help="evaluate a trained run (its test split)")
+    # the oracle's options default to None (not given): --checkpoint refuses them, the oracle
+    # fills in ORACLE_DEFAULTS
+    od = {k: f"(oracle; default: {v})" for k, v in ORACLE_DEFAULTS.items()}
     ev.add_argument("--data", choices=sorted(TOY_DATASETS), metavar="NAME",
-                    help=f"dataset, one of: {', '.join(sorted(TOY_DATASETS))}")
-    ev.add_argument("--data-file", help="evaluate on these points (.npy, .csv or text, N x D) "
-                    "instead of a test split drawn from the dataset")
-    ev.add_argument("--denoiser", choices=DENOISERS, default="oracle",
-                    help="oracle: the Bayes-optimal E[x0|xt] of a Gaussian-mixture dataset")
-    ev.add_argument("--schedule", choices=SCHEDULES, default="cosine")
-    ev.add_argument("--timesteps", type=_positive_int, default=1000, help="T, the number of steps")
-    ev.add_argument("--betas", metavar="FILE", help="beta_1..beta_T from a .npy or text file "
-                    "(overrides --schedule and --timesteps)")
-    ev.add_argument("--variance", default="fixed_large", metavar="NAME",
-                    help=f"reverse variance; with the oracle one of {', '.join(FIXED_VARIANCES)}")
-    ev.add_argument("--decoder-variance", choices=DECODER_VARIANCES, default="beta1",
-                    help="sigma_1^2 at the decoder step under fixed variances")
-    ev.add_argument("--rescale", choices=RESCALINGS, default="none",
-                    help="diffuse rescaled data; the NLL is still reported in the data's units")
-    ev.add_argument("--samples", type=_positive_int, default=4000, help="test points")
-    ev.add_argument("--entropy-samples", type=_positive_int, default=100_000,
-                    help="Monte Carlo draws for the data entropy")
+                    help=f"oracle: the dataset, one of: {', '.join(sorted(TOY_DATASETS))}")
+    ev.add_argument("--data-file", help="evaluate on the first --samples points of this file "
+                    "(.npy, .csv or text, N x D; all of them by default) instead of a test split "
+                    "drawn from the dataset")
+    ev.add_argument("--denoiser", choices=DENOISERS, default=None,
+                    help="oracle: the Bayes-optimal E[x0|xt] of a Gaussian-mixture dataset "
+                    + od["denoiser"])
+    ev.add_argument("--schedule", choices=SCHEDULES, default=None, help=od["schedule"])
+    ev.add_argument("--timesteps", type=_positive_int, default=None,
+                    help="T, the number of steps " + od["timesteps"])
+    ev.add_argument("--betas", metavar="FILE", help="oracle: beta_1..beta_T from a .npy or text "
+                    "file, one row or one column (overrides --schedule and --timesteps)")
+    ev.add_argument("--variance", default=None, metavar="NAME",
+                    help=f"reverse variance, one of {', '.join(FIXED_VARIANCES)} " + od["variance"])
+    ev.add_argument("--decoder-variance", choices=DECODER_VARIANCES, default=None,
+                    help="sigma_1^2 at the decoder step under fixed variances "
+                    + od["decoder_variance"])
+    ev.add_argument("--rescale", choices=RESCALINGS, default=None,
+                    help="diffuse rescaled data; the NLL is still reported in the data's units "
+                    + od["rescale"])
+    ev.add_argument("--samples", type=_positive_int, default=None,
+                    help=f"test points (default: {DEFAULT_EVAL_SAMPLES}; with --data-file the "
+                    "file's first N rows, default all)")
+    ev.add_argument("--entropy-samples", type=_int_in(2), default=100_000,
+                    help="Monte Carlo draws for the data entropy, >= 2 (default: 100000)")
     ev.add_argument("--chunk-size", type=_positive_int, default=16384,
                     help="(example, step) pairs evaluated at once; bounds the memory")
     ev.add_argument("--metric-samples", type=_nonnegative_int, default=None,
@@ -211,8 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu", metavar="cpu|cuda",
                     help="with --checkpoint: where the network evaluates the bound (under torchrun "
                     "cuda is each rank's own GPU)")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.add_argument("--seed", type=_int_in(0, SEED_MAX), default=0, help=f"0..{SEED_MAX}")
+    ev.add_argument("--json", action="store_true", help="print one JSON object (strict JSON: an "
+                    "undefined value, such as the standard error of one test point, is null)")
     ev.set_defaults(func=cmd_evaluate)
 
     tr = sub.add_parser("train", help="train a denoiser on a toy dataset into a run directory")
@@ -237,13 +396,13 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--label", metavar="K|all",
                     help="class-conditional runs: sample class K, or 'all' to cycle through the "
                     "classes (default: unconditional, the null label)")
-    sa.add_argument("--guidance", type=float, default=0.0, metavar="W",
+    sa.add_argument("--guidance", type=_finite_float, default=0.0, metavar="W",
                     help="classifier-free guidance scale w >= 0 with --label (default 0: the "
                     "conditional model as trained)")
     sa.add_argument("--device", default="cpu", metavar="cpu|cuda",
                     help="where the chain runs (a seed gives the same samples on the same kind "
                     "of device)")
-    sa.add_argument("--seed", type=int, default=0)
+    sa.add_argument("--seed", type=_int_in(0, SEED_MAX), default=0, help=f"0..{SEED_MAX}")
     sa.add_argument("--force", action="store_true", help="overwrite existing output files")
     sa.set_defaults(func=cmd_sample)
 
@@ -391,10 +550,11 @@ def _write_image_samples(run, x: torch.Tensor, out: Path, figure: Path | None, a
     levels = run.model.num_levels
     targets = [out] + ([figure] if figure is not None else [])
     for path in targets:
-        if path.suffix == ".png":
-            atomic_write_bytes(_png_bytes(to_uint8_grid(x.float(), levels)), path)
-        else:
-            _write_array_atomic(x.float().numpy(), path)
+        with _writing(path, out if path is figure else None):
+            if path.suffix == ".png":
+                atomic_write_bytes(_png_bytes(to_uint8_grid(x.float(), levels)), path)
+            else:
+                _write_array_atomic(x.float().numpy(), path)
     print(json.dumps({"out": str(out), "num": args.num, "shape": list(x.shape[1:]),
                       "sampling_timesteps": args.sampling_timesteps or run.config.timesteps,
                       "num_levels": levels} | ({"figure": str(figure)} if figure else {})))
@@ -423,7 +583,28 @@ def _write_array_atomic(arr: np.ndarray, path: Path) -> None:
     atomic_write(path, write, suffix=path.suffix)  # np.save adds .npy to a name without it
 
 
+class _writing:
+    """An ``OSError`` while writing ``path`` (a full disk) as ``RunFailed`` naming it; the write is
+    atomic, so the old file is intact. ``written``: a file written before, which is kept."""
+
+    def __init__(self, path: Path, written: Path | None = None):
+        self.path, self.written = path, written
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if isinstance(error, OSError):
+            kept = (f"; the samples are in {str(self.written)!r}" if self.written is not None else
+                    "; nothing written" + (" (the old file is intact)" if self.path.exists() else ""))
+            raise RunFailed(f"could not write {str(self.path)!r}: {error.strerror or error}{kept}") \
+                from None
+        return False
+
+
 def _check_new_file(path: Path, force: bool, what: str) -> None:
+    if path.is_dir():
+        raise UserError(f"{what} {str(path)!r} is a directory; expected a file name")
     if path.exists() and not force:
         raise UserError(f"{what} {str(path)!r} exists; pass --force to overwrite it")
     if not path.parent.is_dir():
@@ -460,24 +641,36 @@ def cmd_sample(args) -> int:
     if figure is not None:
         _check_new_file(figure, args.force, "figure")
     labels = _sample_labels(run, args)
+    numel = math.prod(run.event_shape)
+    # the chunks drawn in float32, joined, in float64 and rescaled, and the copy that is written
+    require_memory(args.num * numel * 32, f"{args.num} samples of {numel} values",
+                   hint="lower --num (several files with different --seed add up to more)")
     x = draw_samples(run, args.num, seed=args.seed, sampling_timesteps=args.sampling_timesteps,
                      labels=labels, guidance=args.guidance)
+    bad = int((~torch.isfinite(x.flatten(1))).any(1).sum())
+    if bad:  # the checkpoint's weights are finite (load_run checks): the chain overflowed
+        raise RunFailed(f"{bad} of {args.num} samples are not finite (NaN or infinite): the "
+                        "sampling chain diverged; nothing written")
     if image:
         return _write_image_samples(run, x, out, figure, args)
-    _write_array_atomic(x.numpy(), out)
+    with _writing(out):
+        _write_array_atomic(x.numpy(), out)
     if figure is not None:
         from .figures import plot_samples_grid
 
         data = get_toy(run.config.data)
         _, test = toy_split(data, 0, min(run.config.test_size, 5000), run.config.seed)
         steps = args.sampling_timesteps or run.config.timesteps
-        plot_samples_grid({f"{run.config.objective} / {run.config.variance}, {steps} sampling steps": x},
-                          test, figure, density=data.log_prob if has_exact_density(data) else None,
-                          title=f"{run.config.data}: {args.num} samples against held-out data")
-    print(json.dumps({"out": str(out), "num": args.num, "dim": x.shape[1],
-                      "sampling_timesteps": args.sampling_timesteps or run.config.timesteps,
-                      "mean": x.mean(0).tolist(), "std": x.std(0).tolist()}
-                     | ({"figure": str(figure)} if figure else {})))
+        with _writing(figure, out):
+            plot_samples_grid({f"{run.config.objective} / {run.config.variance}, {steps} sampling "
+                               "steps": x}, test, figure,
+                              density=data.log_prob if has_exact_density(data) else None,
+                              title=f"{run.config.data}: {args.num} samples against held-out data")
+    # the standard deviation of one sample is undefined: null
+    print(_json({"out": str(out), "num": args.num, "dim": x.shape[1],
+                 "sampling_timesteps": args.sampling_timesteps or run.config.timesteps,
+                 "mean": x.mean(0).tolist(), "std": x.std(0).tolist() if args.num > 1 else None}
+                | ({"figure": str(figure)} if figure else {})))
     return 0
 
 
@@ -537,7 +730,7 @@ def _grid_exclusions(items: list[str], axes: dict[str, tuple]) -> tuple[dict, ..
 
 
 def cmd_compare(args) -> int:
-    from .compare import GridSpec, compare, results_table
+    from .compare import GridSpec, WriteError, compare, results_table
 
     base = _config_from_args(args, exclude=("objective", "variance", "seed"),
                              toy_defaults={"iterations": COMPARE_ITERATIONS})
@@ -552,8 +745,12 @@ def cmd_compare(args) -> int:
     metric = args.metric_samples if args.metric_samples is not None else (256 if image else 1000)
     spec = GridSpec(base, axes, tuple(range(args.seeds)), eval_samples=args.eval_samples,
                     metric_samples=metric, exclude=_grid_exclusions(args.exclude, axes))
-    result = compare(spec, args.out, jobs=args.jobs, resume=args.resume, force=args.force,
-                     figures=not args.no_figures, command=args.command_line, log=sys.stderr)
+    try:
+        result = compare(spec, args.out, jobs=args.jobs, resume=args.resume, force=args.force,
+                         figures=not args.no_figures, command=args.command_line, log=sys.stderr)
+    except WriteError as e:  # a full disk: the runs may be fine, the comparison is not written
+        raise RunFailed(f"{e}; the comparison failed: free some space and rerun with --resume "
+                        f"(its finished runs are kept in {str(args.out)!r})") from None
     print(results_table(result.rows, image=image))
     out = Path(args.out)
     print(f"\nresults: {out / 'results.md'}, {out / 'results.json'}"

@@ -7,18 +7,26 @@ samples and held-out data. ``run_grid`` trains and evaluates objectives x varian
 ``OUT/runs/<objective>-<variance>-s<seed>`` (in parallel worker processes), ``summarize`` reduces
 the runs to one row per (objective, variance) with standard errors across seeds, and
 ``write_results`` writes ``results.json`` and ``results.md`` atomically.
+
+The worker processes go with the command: Ctrl-C stops them and prints one line (exit 130), and
+a command killed outright takes them with it (``_die_with_parent``). A file that cannot be
+written (a full disk) is a ``WriteError`` naming it; the old file stays whole.
 """
 from __future__ import annotations
 
+import ctypes
 import itertools
 import json
 import math
 import os
 import platform
 import shutil
+import signal
+import threading
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timezone
 from multiprocessing import get_context
@@ -29,16 +37,32 @@ import torch
 
 from . import distributed
 from .data import entropy_mc, get_toy, has_exact_density, toy_split
-from .evaluation import bound_report
+from .evaluation import CastNet, bound_report
 from .metrics import energy_distance, sliced_wasserstein
 from .run_data import is_image_data, load_run_data
 from .runtime import allocator_tuned, tune_allocator
 from .sampling import ancestral_sample
-from .files import atomic_save, atomic_write_text
+from .files import atomic_save, atomic_write, atomic_write_text
 from .train import CHECKPOINT, Run, TrainConfig, Trainer, load_run
 
 EVAL_FILE = "eval.json"
 SAMPLES_FILE = "samples.pt"
+
+
+class WriteError(OSError):
+    """A file of the comparison that could not be written (a full disk), named in one line."""
+
+
+@contextmanager
+def _writing(path: Path):
+    """An ``OSError`` inside becomes a ``WriteError`` naming ``path``: the error itself names the
+    temporary file that ``atomic_write`` has already removed."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as e:
+        raise WriteError(f"could not write {str(path)!r}: {e.strerror or e}") from e
 
 
 # -- one run ---------------------------------------------------------------------------------------
@@ -116,8 +140,12 @@ def evaluate_run(run: Run, *, samples: int = 4000, seed: int = 0, metric_samples
               if paired and density is not None and has_exact_density(density) else None)
     device = run.device
     gen = torch.Generator(device=device).manual_seed(distributed.rank_seed(seed))  # each rank its own draws
+    # toys: the bound's arithmetic in float64 around the float32 network (CastNet), so test points
+    # whose squares overflow float32 keep a finite bound; images lie in [-1, 1]
+    model, dtype = ((run.model, torch.float32) if data.is_image else
+                    (run.model.replace(net=CastNet(run.model.net)), torch.float64))
     with torch.no_grad():
-        report = bound_report(run.model, run.rescaling.apply(x).float().to(device),
+        report = bound_report(model, run.rescaling.apply(x).to(device, dtype),
                               log_jacobian=run.rescaling.log_abs_det, entropy=entropy,
                               data_log_prob=log_px, chunk_size=chunk_size, generator=gen).to_dict()
     if metric_samples > 0 and distributed.is_main():
@@ -163,12 +191,13 @@ class GridSpec:
     exclude: tuple[dict, ...] = ()
 
     def __post_init__(self):
-        known = {f.name for f in fields(TrainConfig)} - {"seed", "data"}
+        # data_dir: one dataset, and a path in a value would nest its runs' directory names
+        known = {f.name for f in fields(TrainConfig)} - {"seed", "data", "data_dir"}
         bad = [a for a in self.axes if a not in known]
         if bad:
             raise ValueError(f"cannot vary {', '.join(map(repr, bad))}: an axis must be a training "
-                             f"option other than seed and data (one dataset per comparison): "
-                             f"{', '.join(sorted(known))}")
+                             f"option other than seed, data and data_dir (one dataset per "
+                             f"comparison): {', '.join(sorted(known))}")
         if not self.axes or any(len(v) == 0 for v in self.axes.values()):
             raise ValueError("a grid needs at least one axis, each with at least one value")
         if not self.seeds:
@@ -241,10 +270,91 @@ def _finished(run_dir: Path, cfg: TrainConfig, eval_samples: int, metric_samples
     return saved if same and same_eval and saved.get("status") == "ok" else None
 
 
-def _worker_init(tune: bool) -> None:
-    """A pool worker's start: the allocator as in the parent (``pdiff.runtime``)."""
+def _worker_init(tune: bool, parent: int) -> None:
+    """A pool worker's start. Ctrl-C reaches the whole process group: the worker ignores it (the
+    parent stops the pool, ``_stop``) so that the command prints one line, not a traceback per
+    worker; SIGINT was held since the spawn (``_sigint_held``), a pending one is dropped here.
+    SIGTERM (``_stop``'s) ends the worker through its cleanup (``_on_sigterm``). The worker dies
+    with its parent (``_die_with_parent``); the allocator is tuned as in the parent."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    _die_with_parent(parent)
     if tune:
         tune_allocator()
+
+
+def _die_with_parent(parent: int) -> None:
+    """End this process when ``parent`` dies, so that a ``pdiff compare`` killed with SIGKILL (no
+    cleanup runs) leaves no worker training into its directory. On Linux the kernel sends the
+    parent-death signal (``prctl(PR_SET_PDEATHSIG)``; checked against a parent gone before it was
+    set). It fires when the parent's *thread* that spawned this process exits: the one calling
+    ``pool.submit`` in ``run_grid``, which waits for the pool's work. Elsewhere a thread polls the
+    parent's pid."""
+    try:
+        linux = ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL) == 0  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError, TypeError):  # no prctl (macOS)
+        linux = False
+    if os.getppid() != parent:
+        os._exit(1)
+    if not linux:
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:  # an orphan is adopted by another process
+        time.sleep(1)
+    os._exit(1)
+
+
+_terminated = False  # a pool worker sent SIGTERM
+
+
+def _on_sigterm(signum, frame) -> None:
+    """``SystemExit`` rather than sudden death: the run's ``finally`` blocks (its lock, a staged
+    directory) and the process's exit handlers run, and multiprocessing's resource tracker has no
+    leaked semaphore (tqdm's lock) to warn about."""
+    global _terminated
+    _terminated = True
+    raise SystemExit(128 + signum)
+
+
+def _pool_run(*args, **kw) -> dict:
+    """``run_one`` in a pool worker. Once SIGTERM came, a run still queued for the worker ends
+    before it starts; the ``SystemExit`` is returned as an error, which the parent records as the
+    run's failure (``fut.result()`` would otherwise exit the parent)."""
+    try:
+        if _terminated:
+            raise SystemExit
+        return run_one(*args, **kw)
+    except SystemExit:
+        raise RuntimeError("the worker was stopped (SIGTERM)") from None
+
+
+@contextmanager
+def _sigint_held():
+    """SIGINT blocked in this thread while it spawns workers: they inherit the mask, so a Ctrl-C
+    while they import torch (before ``_worker_init``) is not a traceback in each. This process
+    takes the signal when it is released (or at once in another of its threads)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Cancel the runs not started and end the running ones now (not after they finish, as the
+    pool's own shutdown would): a run cut short continues from its checkpoint under --resume."""
+    workers = list((pool._processes or {}).values())  # no public way to end a running task
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in workers:
+        p.terminate()
+    for p in workers:
+        p.join(10)
+        if p.is_alive():
+            p.kill()
+            p.join()
 
 
 def run_one(name: str, cell: dict, cfg: TrainConfig, run_dir: str | Path, *, eval_samples: int,
@@ -276,15 +386,17 @@ def run_one(name: str, cell: dict, cfg: TrainConfig, run_dir: str | Path, *, eva
         ev = evaluate_run(run, samples=eval_samples, seed=cfg.seed, metric_samples=metric_samples)
         samples = ev.pop("_samples", None)
         if samples is not None:
-            atomic_save(samples, run_dir / SAMPLES_FILE)
+            with _writing(run_dir / SAMPLES_FILE):
+                atomic_save(samples, run_dir / SAMPLES_FILE)
         record |= {"status": "ok", "eval": ev}
     except Exception as e:  # reported as a failed run in the table, not dropped
         record |= {"status": "failed", "error": f"{type(e).__name__}: {e}",
                    "traceback": traceback.format_exc(limit=3)}
     try:
-        atomic_write_text(json.dumps(record), run_dir / EVAL_FILE)
-    except OSError:
-        pass
+        with _writing(run_dir / EVAL_FILE):
+            atomic_write_text(json.dumps(record), run_dir / EVAL_FILE)
+    except WriteError as e:  # a failed run, so that --resume evaluates it again
+        record |= {"status": "failed", "error": f"{type(e).__name__}: {e}"}
     return record
 
 
@@ -294,7 +406,8 @@ def run_grid(spec: GridSpec, out: str | Path, *, jobs: int = 1, resume: bool = F
     with its share of the CPU threads). Returns the records in grid order."""
     runs = spec.configs()
     root = Path(out) / "runs"
-    root.mkdir(parents=True, exist_ok=True)
+    with _writing(root):
+        root.mkdir(parents=True, exist_ok=True)
     kw = dict(eval_samples=spec.eval_samples, metric_samples=spec.metric_samples, resume=resume,
               force=force)
     records: dict[str, dict] = {}
@@ -306,11 +419,14 @@ def run_grid(spec: GridSpec, out: str | Path, *, jobs: int = 1, resume: bool = F
     else:
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"),
-                                 initializer=_worker_init, initargs=(allocator_tuned(),)) as pool:
-            futures = {pool.submit(run_one, name, cell, cfg, root / name, threads=threads,
-                                   dtype=torch.get_default_dtype(), **kw): name
-                       for name, cell, cfg in runs}
+                                 initializer=_worker_init,
+                                 initargs=(allocator_tuned(), os.getpid())) as pool:
             try:
+                with _sigint_held():  # the workers are spawned by submit
+                    futures = {pool.submit(_pool_run, name, cell, cfg, root / name,
+                                           threads=threads, dtype=torch.get_default_dtype(),
+                                           **kw): name
+                               for name, cell, cfg in runs}
                 for fut in as_completed(futures):
                     name = futures[fut]
                     try:
@@ -322,9 +438,8 @@ def run_grid(spec: GridSpec, out: str | Path, *, jobs: int = 1, resume: bool = F
                                          "error": f"worker process failed: {type(e).__name__}: {e}"}
                     if on_result:
                         on_result(records[name], len(records), len(runs))
-            except KeyboardInterrupt:
-                for f in futures:
-                    f.cancel()
+            except BaseException:  # Ctrl-C, or an error in on_result
+                _stop(pool)
                 raise
     return [records[name] for name, _, _ in runs]
 
@@ -389,11 +504,17 @@ def compare(spec: GridSpec, out: str | Path, *, jobs: int | None = None, resume:
             msg = f"FAILED: {r.get('error')}"
         say(f"  [{done}/{total}] {r['name']}: {msg}")
 
-    records = run_grid(spec, out, jobs=jobs, resume=resume, force=force, on_result=report)
-    rows = summarize(records)
-    made = comparison_figures(out, spec, records, rows) if figures else []
-    write_results(out, spec, records, rows, command=command or f"compare({spec!r})",
-                  wall_seconds=time.perf_counter() - start, figures=made)
+    try:
+        records = run_grid(spec, out, jobs=jobs, resume=resume, force=force, on_result=report)
+        rows = summarize(records)
+        with _writing(out / "figures"):
+            made = comparison_figures(out, spec, records, rows) if figures else []
+        write_results(out, spec, records, rows, command=command or f"compare({spec!r})",
+                      wall_seconds=time.perf_counter() - start, figures=made)
+    except KeyboardInterrupt as e:  # replaces the hint of the run that was training
+        e.resume_hint = (f"finished runs are kept in {out}; rerun `pdiff compare ... --resume` "
+                         "with the same options to continue")
+        raise
     return Comparison(spec, records, rows, made)
 
 
@@ -511,7 +632,9 @@ _TABLE_NOTE_IMAGE = (
 def write_results(out: str | Path, spec: GridSpec, records: list[dict], rows: list[dict], *,
                   command: str, wall_seconds: float, figures: Iterable[str] = ()) -> None:
     """``results.json`` (everything, per run and per row) and ``results.md`` (the table, the
-    command, the machine), each written atomically."""
+    command, the machine), each written atomically, the pair together: results.md is written
+    inside the write of results.json, which is replaced only once it is (a full disk leaves both
+    old files)."""
     out = Path(out)
     image = is_image_data(spec.base.data)
     entropy = (None, None) if image else entropy_mc(
@@ -524,7 +647,6 @@ def write_results(out: str | Path, spec: GridSpec, records: list[dict], rows: li
            "entropy_nats": entropy[0], "entropy_stderr": entropy[1],
            "summary": rows, "runs": records,
            "figures": [Path(f).relative_to(out).as_posix() for f in figures]}
-    atomic_write_text(json.dumps(doc, indent=1), out / "results.json")
     b = spec.base
     ent = (f"{entropy[0]:.4f} ± {entropy[1]:.4f} nats" if entropy[0] is not None
            else "unknown (no closed-form density)")
@@ -554,7 +676,14 @@ def write_results(out: str | Path, spec: GridSpec, records: list[dict], rows: li
     if figures:
         md += ["Figures:", ""] + [f"- [{Path(f).name}]({Path(f).relative_to(out).as_posix()})"
                                   for f in figures] + [""]
-    atomic_write_text("\n".join(md), out / "results.md")
+
+    def write_pair(tmp: str) -> None:
+        Path(tmp).write_text(json.dumps(doc, indent=1), encoding="utf-8")
+        with _writing(out / "results.md"):
+            atomic_write_text("\n".join(md), out / "results.md")
+
+    with _writing(out / "results.json"):
+        atomic_write(out / "results.json", write_pair)
 
 
 # -- figures ---------------------------------------------------------------------------------------

@@ -10,6 +10,10 @@ from . import distributed
 from .distributions.reverse import ReverseProcess
 from .elbo import Bound, bits_per_dim, full_bound
 
+# bytes of float64 the bound holds per (example, step) pair of a chunk, per data dimension: x_0,
+# eps, x_t, the prediction, mu, log sigma^2, the posterior's mean and variance, the KL's temporaries
+PAIR_TENSORS = 16
+
 
 @dataclass
 class BoundReport:
@@ -25,10 +29,11 @@ class BoundReport:
     points (its standard error is that of the difference, smaller than the bound's alone when the
     bound tracks log p_data); otherwise
     nll minus the separate entropy estimate, with the two standard errors combined.
+    A standard error of one example is undefined: ``None`` (``null`` in JSON), never NaN.
     """
 
     nll_nats: float
-    nll_stderr: float
+    nll_stderr: float | None
     bits_per_dim: float
     prior_nats: float
     terms_nats: list[float]
@@ -62,14 +67,15 @@ def bound_report(model: ReverseProcess, x: torch.Tensor, *, log_jacobian: float 
     total = bound.total.double() - log_jacobian
     n = total.shape[0]
     nll = total.mean().item()
-    stderr = (total.std().item() / math.sqrt(n)) if n > 1 else math.nan
+    stderr = (total.std().item() / math.sqrt(n)) if n > 1 else None
     dim = x[0].numel()
     h, h_se = entropy
     if data_log_prob is not None:
         diff = total + data_log_prob.to(total)
-        gap, gap_se = diff.mean().item(), (diff.std().item() / math.sqrt(n) if n > 1 else math.nan)
+        gap, gap_se = diff.mean().item(), (diff.std().item() / math.sqrt(n) if n > 1 else None)
     elif h is not None:
-        gap, gap_se = nll - h, math.sqrt(stderr**2 + h_se**2)
+        gap = nll - h
+        gap_se = None if stderr is None or h_se is None else math.sqrt(stderr**2 + h_se**2)
     else:
         gap = gap_se = None
     return BoundReport(nll_nats=nll, nll_stderr=stderr, bits_per_dim=bits_per_dim(nll, dim),
@@ -92,3 +98,38 @@ def sharded_bound(model: ReverseProcess, x: torch.Tensor, *, chunk_size: int = 1
                       generator=generator)
     return Bound(prior=distributed.all_gather_cat(mine.prior, sizes),
                  terms=distributed.all_gather_cat(mine.terms, sizes))
+
+
+def bound_bytes(num_examples: int, num_timesteps: int, num_dims: int, *, chunk_size: int,
+                itemsize: int = 8, net_bytes_per_pair: float = 0) -> float:
+    """About the memory ``bound_report`` holds at once: the N x T terms and the N examples, one
+    chunk of min(``chunk_size``, N T) (example, step) pairs (``net_bytes_per_pair`` more for the
+    network's own work on each) and the schedule's tables (what a command checks up front with
+    ``resources.require_memory``)."""
+    pairs = min(chunk_size, num_examples * num_timesteps)
+    return (itemsize * num_examples * (num_timesteps + 4 * num_dims + 8)
+            + pairs * (PAIR_TENSORS * num_dims * itemsize + net_bytes_per_pair)
+            + 30 * 8 * (num_timesteps + 1))
+
+
+class CastNet:
+    """``net`` evaluated on its inputs cast to ``dtype``, its outputs cast back to theirs.
+
+    Around a float32 network the bound's arithmetic then runs in the dtype of the examples: in
+    float64, test points whose squares overflow float32 (|x| > 1e19) still get a finite bound, as
+    they do under the float64 oracle. Other attributes are the network's (``num_classes``).
+    """
+
+    def __init__(self, net, dtype: torch.dtype = torch.float32):
+        self.net, self.dtype = net, dtype
+
+    def __call__(self, xt: torch.Tensor, t: torch.Tensor, *args, **kwargs):
+        out = self.net(xt.to(self.dtype), t, *args, **kwargs)
+        if isinstance(out, (tuple, list)):  # a learned variance's (mean, variance) pair
+            return type(out)(o.to(xt.dtype) for o in out)
+        return out.to(xt.dtype)
+
+    def __getattr__(self, name):
+        if name in ("net", "dtype"):  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.net, name)

@@ -13,6 +13,8 @@ import torch
 from torch.distributions import Distribution
 
 from .data import IMAGE_DATASETS, Rescaling, fit_rescaling, get_toy, load_images, toy_split
+from .data.images import FOLDER_IMAGE_SIZE, load_bytes
+from .resources import require_memory
 
 
 def is_image_data(name: str) -> bool:
@@ -58,9 +60,14 @@ def load_run_data(cfg, *, train: bool = True) -> RunData:
     """The train split (skipped when ``train`` is false) and the test split of ``cfg``'s data.
 
     ``cfg`` is a ``TrainConfig`` (data, seed, train_size, test_size, rescale, data_dir,
-    image_size).
+    image_size). Images: a size too large for the memory is refused up front, and so are an empty
+    split and test images of another size than the training images (``DataFileError``), at
+    training time rather than when the run is evaluated.
     """
     if is_image_data(cfg.data):
+        size = cfg.image_size or (FOLDER_IMAGE_SIZE if cfg.data == "folder" else None)
+        require_memory(load_bytes(cfg.data, data_dir=cfg.data_dir, image_size=cfg.image_size),
+                       f"the {cfg.data} images at {size} x {size} pixels", hint="lower --image-size")
         img = load_images(cfg.data, data_dir=cfg.data_dir, image_size=cfg.image_size, seed=cfg.seed)
         dtype = torch.get_default_dtype()
         return RunData(cfg.data, img.train.to(dtype) if train else img.train[:0].to(dtype),

@@ -17,6 +17,9 @@ SCHEDULES = ("linear", "quadratic", "cosine", "sigmoid", "const", "polynomial")
 
 # alpha_bar_T above this leaves a visible prior term L_T: warn the user.
 ALPHA_BAR_T_WARN = 1e-2
+# the smallest beta: any smaller one leaves 1 - beta = 1 in float64 (the float below 1 is 1 - 2^-53),
+# and with it 1 - alpha_bar_t = 0 and a posterior variance of 0/0
+MIN_BETA = 1e-16
 # the entries NoiseSchedule.at gathers together (what the bound's terms ask for at one t)
 GATHERED = ("alpha_bar", "sqrt_alpha_bar", "sqrt_one_minus_alpha_bar", "posterior_coef_x0",
             "posterior_coef_xt", "beta_tilde", "log_beta", "log_beta_tilde_clipped")
@@ -142,15 +145,16 @@ class NoiseSchedule:
 
     @classmethod
     def from_betas(cls, betas, warn: bool = True) -> "NoiseSchedule":
-        """The schedule with beta_1..beta_T = ``betas`` (any 1-D array-like, 0 < beta < 1)."""
+        """The schedule with beta_1..beta_T = ``betas`` (any 1-D array-like, ``MIN_BETA`` <= beta < 1)."""
         b = torch.as_tensor(betas, dtype=torch.float64).detach().cpu()
         if b.dim() != 1 or b.numel() < 1:
             raise ValueError(f"betas must be a non-empty 1-D array (beta_1..beta_T), got shape "
                              f"{tuple(b.shape)}")
         if not torch.isfinite(b).all():
             raise ValueError("betas must be finite")
-        if (b <= 0).any() or (b >= 1).any():
-            raise ValueError(f"betas must lie strictly between 0 and 1, got min {b.min().item():.3g}, "
+        if (b < MIN_BETA).any() or (b >= 1).any():
+            raise ValueError(f"betas must lie strictly between 0 and 1, in [{MIN_BETA:g}, 1) (a smaller "
+                             f"beta leaves 1 - beta = 1 in float64), got min {b.min().item():.3g}, "
                              f"max {b.max().item():.3g}")
         schedule = cls(torch.cat([b.new_zeros(1), b]))
         ab_T = schedule.alpha_bar[-1].item()

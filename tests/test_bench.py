@@ -74,6 +74,54 @@ def test_only_and_bad_names(tmp_path, capsys):
     assert out.read_bytes() == before  # nothing measured, nothing written
 
 
+def test_output_paths_are_checked_before_measuring(tmp_path, capsys, monkeypatch):
+    """A report that cannot be written is refused in one line before minutes of measuring: a
+    directory, a folder that is a file, both reports at one path; nothing is written."""
+    def measured(*args, **kwargs):
+        raise AssertionError("measured before the output paths were checked")
+    monkeypatch.setattr(bench, "run", measured)
+    folder = tmp_path / "report.md"
+    folder.mkdir()
+    a_file = tmp_path / "file"
+    a_file.write_text("not a folder")
+    good_json, good_md = tmp_path / "b.json", tmp_path / "b.md"
+    for json_path, md_path, message in [
+        (good_json, folder, "is a directory"),
+        (a_file / "b.json", good_md, "is not a folder"),
+        (good_json, a_file / "sub" / "b.md", "is not a folder"),
+        (good_json, good_json, "the same file"),
+    ]:
+        code = bench.main(["--quick", "--only", "growth", "--out-json", str(json_path),
+                           "--out-md", str(md_path)], prog="pdiff bench")
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+        assert err.startswith("pdiff bench: error: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "report.md"]
+
+
+def test_growth_figure_folder_is_checked(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "run", lambda *a: pytest.fail("measured"))
+    (tmp_path / "figures").write_text("a file where the figures' folder goes")
+    code = bench.main(["--quick", "--only", "growth", "--out-json", str(tmp_path / "b.json"),
+                       "--out-md", str(tmp_path / "b.md")])
+    err = capsys.readouterr().err
+    assert code == 2 and "is not a folder" in err and "growth.png" in err
+
+
+def test_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    def full(text, path, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(bench, "atomic_write_text", full)
+    code = bench.main(["--quick", "--only", "growth", "--set", "growth_timesteps=5",
+                       "--out-json", str(tmp_path / "b.json"), "--out-md", str(tmp_path / "b.md")])
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if not line.startswith("[bench]")]
+    assert code == 1 and len(lines) == 1 and "No space left on device" in lines[0], err
+    assert "b.json" in lines[0]
+
+
 def test_include_json_takes_the_sections_this_run_skips(tmp_path):
     """A GPU machine's report merged into a CPU run: its cuda section, with its own date, replaces
     this run's skipped one; the sections this run measured are its own."""

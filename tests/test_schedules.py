@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from pdiff.schedules import GATHERED, SCHEDULES, NoiseSchedule, make_schedule, spaced_steps
+from pdiff.schedules import GATHERED, MIN_BETA, SCHEDULES, NoiseSchedule, make_schedule, spaced_steps
 
 EPS = torch.finfo(torch.float64).eps
 TS = (1, 10, 1000)
@@ -171,6 +171,30 @@ def test_warns_when_alpha_bar_T_far_from_zero():
 def test_from_betas_refuses(betas, match):
     with pytest.raises(ValueError, match=match):
         NoiseSchedule.from_betas(betas)
+
+
+@pytest.mark.parametrize("tiny", [1e-300, 1e-17, 5e-17])
+def test_from_betas_refuses_betas_too_small_for_float64(tiny):
+    """1 - beta rounds to 1 below about 1e-16: alpha_bar would stay 1 and the posterior variance be
+    0/0. The message names the valid range."""
+    with pytest.raises(ValueError, match=r"\[1e-16, 1\)"):
+        NoiseSchedule.from_betas([0.1, tiny, 0.2])
+
+
+@pytest.mark.parametrize("T", [1, 2, 7])
+def test_smallest_betas_give_a_finite_schedule(T):
+    """At the smallest beta every derived quantity is finite, and 0 < 1 - alpha_bar_t, so the
+    posterior variance and L_T's constants exist; respacing keeps the betas valid."""
+    s = NoiseSchedule.from_betas([MIN_BETA] * T, warn=False)
+    for name in ("alphas", "alpha_bar", "beta_tilde", "posterior_coef_x0", "posterior_coef_xt",
+                 "sqrt_one_minus_alpha_bar", "log_beta_tilde_clipped"):
+        assert torch.isfinite(getattr(s, name)[1:]).all(), name
+    assert (s.alpha_bar[1:] < 1).all()
+    ab, log1m = s.final_alpha_bar
+    assert math.isfinite(log1m)
+    if T > 1:
+        new, _ = s.respace([1, T])
+        assert (new.betas[1:] >= MIN_BETA).all()
 
 
 def test_from_betas_prepends_beta_0():

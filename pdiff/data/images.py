@@ -157,10 +157,10 @@ def _download(url: str, dest: Path, md5: str) -> None:
                             f"put the files in {dest.parent}") from None
 
 
-def _missing(name: str, files, dirs) -> DataFileError:
+def _missing(name: str, files, dirs, source: str) -> DataFileError:
     return DataFileError(f"{name}: missing {', '.join(files)} in {' or '.join(map(str, dirs))}; "
-                         "they can be downloaded with download=True (--download) where the "
-                         "machine is online")
+                         f"{source} and put them in one of those folders, or point --data-dir at "
+                         "the folder that holds them")
 
 
 def _load_idx(name: str, root: Path, download: bool):
@@ -177,12 +177,19 @@ def _load_idx(name: str, root: Path, download: bool):
     paths = [find(f) for f in IDX_FILES]
     if None in paths:
         missing = [f + "[.gz]" for f, p in zip(IDX_FILES, paths) if p is None]
-        raise _missing(name, missing, dirs)
+        raise _missing(name, missing, dirs, f"download the four IDX files (gzipped) from {base_url}")
     xs = [read_idx(p, 2051 if "images" in p.name else 2049) for p in paths]
     for (img, lab), (pi, pl) in zip([xs[:2], xs[2:]], [paths[:2], paths[2:]]):
         if img.ndim != 3 or lab.ndim != 1 or len(img) != len(lab):
             raise DataFileError(f"{pi} has {img.shape} images and {pl} has {lab.shape} labels; "
                                 "expected (N, H, W) images and N labels")
+        if len(img) == 0:
+            raise DataFileError(f"{pi} holds 0 images; expected the {name} "
+                                f"{'test' if 't10k' in pi.name else 'training'} images")
+    if xs[0].shape[1:] != xs[2].shape[1:]:  # a run is evaluated on its test images
+        raise DataFileError(f"{paths[2]} holds images of {tuple(xs[2].shape[1:])} pixels and "
+                            f"{paths[0]} of {tuple(xs[0].shape[1:])}: the test images must have "
+                            "the training images' size")
     return xs[0][:, None], xs[1], xs[2][:, None], xs[3]
 
 
@@ -231,7 +238,8 @@ def _load_cifar(root: Path, download: bool):
                                 f"a tar.gz holding {CIFAR_FOLDER}/") from None
         base = root / CIFAR_FOLDER
     if base is None or not all((base / f).is_file() for f in CIFAR_FILES):
-        raise _missing("cifar10", CIFAR_FILES, dirs)
+        raise _missing("cifar10", CIFAR_FILES, dirs, f"download {CIFAR_URL}, extract the batches "
+                       f"(the archive's {CIFAR_FOLDER}/ folder)")
     train = [_read_cifar(base / f) for f in CIFAR_FILES[:-1]]
     test = _read_cifar(base / CIFAR_FILES[-1])
     return (np.concatenate([t[0] for t in train]), np.concatenate([t[1] for t in train]), *test)
@@ -261,6 +269,44 @@ def _load_folder(root: Path, size: int):
         left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
         out[i] = np.asarray(im.crop((left, top, left + size, top + size))).transpose(2, 0, 1)
     return out
+
+
+def load_bytes(name: str, *, data_dir: str | Path | None = None,
+               image_size: int | None = None) -> float:
+    """About the peak memory of ``load_images`` at ``image_size`` (0 when it keeps the files' own
+    size): every image's C x size x size levels as uint8 or int32 on the way and in the default
+    dtype at the end. The number of images is read from the files' headers where it can be."""
+    if name == "folder":
+        image_size = image_size or FOLDER_IMAGE_SIZE
+    if image_size is None or name not in IMAGE_DATASETS:
+        return 0.0
+    n, c = _num_images(name, Path(data_dir).expanduser() if data_dir is not None else None)
+    return n * c * image_size**2 * (1 + 4 + 4 + torch.get_default_dtype().itemsize)
+
+
+def _num_images(name: str, root: Path | None) -> tuple[int, int]:
+    """(N, C): the train and test images together and their channels (the standard files' counts
+    where the files cannot be read; the loader then says what is wrong)."""
+    if name == "digits":
+        return 1797, 1
+    if name == "cifar10":
+        return 60000, 3
+    if root is None or not root.is_dir():
+        return 0, 3
+    if name == "folder":
+        return sum(p.suffix.lower() in IMAGE_SUFFIXES for p in root.rglob("*")), 3
+    n = 0
+    for f in (IDX_FILES[0], IDX_FILES[2]):
+        for path in (d / (f + s) for d in (root, root / IDX_SOURCES[name][0] / "raw")
+                     for s in ("", ".gz")):
+            if path.is_file():
+                try:
+                    with _open(path) as fh:
+                        n += int.from_bytes(fh.read(8)[4:8], "big")
+                except (OSError, EOFError, zlib.error):
+                    pass
+                break
+    return n or 70000, 1
 
 
 def load_images(name: str, *, data_dir: str | Path | None = None, image_size: int | None = None,
@@ -299,6 +345,12 @@ def load_images(name: str, *, data_dir: str | Path | None = None, image_size: in
             load = _load_cifar if name == "cifar10" else (lambda r, d: _load_idx(name, r, d))
             parts, levels, classes = load(root, download), 256, 10
     x_train, y_train, x_test, y_test = parts
+    for split, x in (("training", x_train), ("test", x_test)):  # a run trains and is evaluated
+        if len(x) == 0:
+            raise DataFileError(f"{name}: the {split} split is empty (data_dir {data_dir})")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DataFileError(f"{name}: the test images are {tuple(x_test.shape[1:])} and the "
+                            f"training images {tuple(x_train.shape[1:])}; they must be the same size")
     if image_size is not None and x_train.shape[-1] != image_size:
         x_train, x_test = (_resize(x, image_size, levels) for x in (x_train, x_test))
     labels = [None if y is None else torch.from_numpy(np.asarray(y, dtype=np.int64))

@@ -176,7 +176,7 @@ def test_missing_files_are_listed_with_download_hint(tmp_path):
         load_images("fashion_mnist", data_dir=tmp_path)
     msg = str(err.value)
     assert all(stem in msg for stem in IDX_FILES)
-    assert str(tmp_path / "FashionMNIST" / "raw") in msg and "download=True" in msg
+    assert str(tmp_path / "FashionMNIST" / "raw") in msg and images.IDX_SOURCES["fashion_mnist"][1] in msg
 
 
 @pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "cifar10"])
@@ -361,3 +361,74 @@ def test_unknown_name_and_missing_data_dir():
             load_images(name)
     with pytest.raises(ValueError, match="image_size"):
         load_images("digits", image_size=0)
+
+
+# --- refusals before anything is trained ----------------------------------------------------------
+
+def test_missing_files_say_where_to_get_them(tmp_path):
+    """No option that does not exist: the files, where to download them, and --data-dir."""
+    for name in ("mnist", "cifar10"):
+        with pytest.raises(DataFileError) as err:
+            load_images(name, data_dir=tmp_path)
+        msg = str(err.value)
+        assert "--download" not in msg and "--data-dir" in msg and "https://" in msg
+        assert len(msg.splitlines()) == 1
+
+
+def write_empty_split(folder, stem):
+    """Replace the ``stem`` (train or t10k) IDX files with 0 images and 0 labels."""
+    (folder / f"{stem}-images-idx3-ubyte").write_bytes(idx_bytes(np.zeros((0, 5, 4)), 2051))
+    (folder / f"{stem}-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(0), 2049))
+
+
+@pytest.mark.parametrize("stem", ["train", "t10k"])
+def test_idx_file_with_no_images_is_refused(tmp_path, stem):
+    write_idx(tmp_path, gz=False, rng=np.random.default_rng(RNG_SEED))
+    write_empty_split(tmp_path, stem)
+    with pytest.raises(DataFileError, match="0 images") as err:
+        load_images("mnist", data_dir=tmp_path)
+    assert f"{stem}-images-idx3-ubyte" in str(err.value)
+
+
+def test_test_images_of_another_size_are_refused(tmp_path):
+    """The test split is what a run is evaluated on: images of another size than the training
+    images are refused when the data is loaded (at training time), naming both files' shapes."""
+    rng = np.random.default_rng(RNG_SEED)
+    write_idx(tmp_path, gz=False, rng=rng, hw=(6, 6))
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(
+        idx_bytes(rng.integers(0, 256, (IDX_SIZES["t10k"], 5, 5)), 2051))
+    for size in (None, 6, 4):
+        with pytest.raises(DataFileError) as err:
+            load_images("mnist", data_dir=tmp_path, image_size=size)
+        msg = str(err.value)
+        assert "t10k-images-idx3-ubyte" in msg and "train-images-idx3-ubyte" in msg
+        assert "(5, 5)" in msg and "(6, 6)" in msg
+
+
+def test_run_data_refuses_a_bad_test_split(tmp_path):
+    from pdiff.run_data import load_run_data
+    from pdiff.train import TrainConfig
+
+    write_idx(tmp_path, gz=False, rng=np.random.default_rng(RNG_SEED))
+    write_empty_split(tmp_path, "t10k")
+    cfg = TrainConfig.for_data("mnist", data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="0 images"):
+        load_run_data(cfg)
+
+
+@pytest.mark.parametrize("name", ["digits", "folder", "mnist"])
+def test_image_size_too_large_for_memory_is_refused(tmp_path, name):
+    """Checked where a run's data is loaded, for training and evaluation alike, before any image
+    is resized."""
+    from pdiff.run_data import load_run_data
+    from pdiff.train import TrainConfig
+
+    if name == "folder":
+        for i in range(2):
+            Image.new("RGB", (5, 5)).save(tmp_path / f"{i}.png")
+    if name == "mnist":
+        write_idx(tmp_path, gz=True, rng=np.random.default_rng(RNG_SEED))
+        assert images.load_bytes("mnist", data_dir=tmp_path, image_size=8) == 10 * 64 * 17
+    cfg = TrainConfig.for_data(name, data_dir=str(tmp_path), image_size=10**6)
+    with pytest.raises(ValueError, match=r"of memory.*--image-size"):
+        load_run_data(cfg)
