@@ -383,3 +383,19 @@ def test_image_run_with_a_bad_test_split_is_refused_at_training_time(tmp_path, c
                             "--iterations", "1", "--batch-size", "2", "--no-progress"], capsys)
         assert code == 2 and not out.exists()
         one_line_error(err, "t10k-images-idx3-ubyte", message)
+
+
+def test_a_closed_stdout_is_not_a_traceback():
+    """``pdiff evaluate --json | head -c1``: the reader is gone before the report is written."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # nobody will read: the first write fails with EPIPE
+    proc = subprocess.run([sys.executable, "-m", "pdiff.cli", "evaluate", "--data", "clusters8",
+                           "--timesteps", "5", "--samples", "50", "--entropy-samples", "100",
+                           "--json"], stdout=write, stderr=subprocess.PIPE, text=True, timeout=300)
+    os.close(write)
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
+    assert proc.returncode == 1
