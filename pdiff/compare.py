@@ -9,27 +9,23 @@ the runs to one row per (objective, variance) with standard errors across seeds,
 ``write_results`` writes ``results.json`` and ``results.md`` atomically.
 
 The worker processes go with the command: Ctrl-C stops them and prints one line (exit 130), and
-a command killed outright takes them with it (``_die_with_parent``). A file that cannot be
+a command killed outright takes them with it (``pdiff.workers``). A file that cannot be
 written (a full disk) is a ``WriteError`` naming it; the old file stays whole.
 """
 from __future__ import annotations
 
-import ctypes
 import itertools
 import json
 import math
 import os
 import platform
 import shutil
-import signal
-import threading
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timezone
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -40,10 +36,11 @@ from .data import entropy_mc, get_toy, has_exact_density, toy_split
 from .evaluation import CastNet, bound_report
 from .metrics import energy_distance, sliced_wasserstein
 from .run_data import is_image_data, load_run_data
-from .runtime import allocator_tuned, tune_allocator
+from .runtime import allocator_tuned
 from .sampling import ancestral_sample
 from .files import atomic_save, atomic_write, atomic_write_text
-from .train import CHECKPOINT, Run, TrainConfig, Trainer, load_run
+from .workers import in_worker, sigint_held, stop_pool, worker_pool
+from .train import CHECKPOINT, Run, TrainConfig, Trainer, check_memory, load_run
 
 EVAL_FILE = "eval.json"
 SAMPLES_FILE = "samples.pt"
@@ -240,6 +237,7 @@ class GridSpec:
                 cfg = replace(self.base, seed=seed, **cell)
                 try:
                     cfg.validate()
+                    check_memory(cfg)  # a size that cannot fit is refused before any run starts
                     # checked per run: test_size may itself be an axis (images: their own split,
                     # evaluated on at most eval_samples test images)
                     if (not is_image_data(cfg.data)
@@ -268,93 +266,6 @@ def _finished(run_dir: Path, cfg: TrainConfig, eval_samples: int, metric_samples
     same_eval = (saved.get("eval_samples") == eval_samples
                  and saved.get("metric_samples") == metric_samples)
     return saved if same and same_eval and saved.get("status") == "ok" else None
-
-
-def _worker_init(tune: bool, parent: int) -> None:
-    """A pool worker's start. Ctrl-C reaches the whole process group: the worker ignores it (the
-    parent stops the pool, ``_stop``) so that the command prints one line, not a traceback per
-    worker; SIGINT was held since the spawn (``_sigint_held``), a pending one is dropped here.
-    SIGTERM (``_stop``'s) ends the worker through its cleanup (``_on_sigterm``). The worker dies
-    with its parent (``_die_with_parent``); the allocator is tuned as in the parent."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    _die_with_parent(parent)
-    if tune:
-        tune_allocator()
-
-
-def _die_with_parent(parent: int) -> None:
-    """End this process when ``parent`` dies, so that a ``pdiff compare`` killed with SIGKILL (no
-    cleanup runs) leaves no worker training into its directory. On Linux the kernel sends the
-    parent-death signal (``prctl(PR_SET_PDEATHSIG)``; checked against a parent gone before it was
-    set). It fires when the parent's *thread* that spawned this process exits: the one calling
-    ``pool.submit`` in ``run_grid``, which waits for the pool's work. Elsewhere a thread polls the
-    parent's pid."""
-    try:
-        linux = ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL) == 0  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError, TypeError):  # no prctl (macOS)
-        linux = False
-    if os.getppid() != parent:
-        os._exit(1)
-    if not linux:
-        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
-
-
-def _watch_parent(parent: int) -> None:
-    while os.getppid() == parent:  # an orphan is adopted by another process
-        time.sleep(1)
-    os._exit(1)
-
-
-_terminated = False  # a pool worker sent SIGTERM
-
-
-def _on_sigterm(signum, frame) -> None:
-    """``SystemExit`` rather than sudden death: the run's ``finally`` blocks (its lock, a staged
-    directory) and the process's exit handlers run, and multiprocessing's resource tracker has no
-    leaked semaphore (tqdm's lock) to warn about."""
-    global _terminated
-    _terminated = True
-    raise SystemExit(128 + signum)
-
-
-def _pool_run(*args, **kw) -> dict:
-    """``run_one`` in a pool worker. Once SIGTERM came, a run still queued for the worker ends
-    before it starts; the ``SystemExit`` is returned as an error, which the parent records as the
-    run's failure (``fut.result()`` would otherwise exit the parent)."""
-    try:
-        if _terminated:
-            raise SystemExit
-        return run_one(*args, **kw)
-    except SystemExit:
-        raise RuntimeError("the worker was stopped (SIGTERM)") from None
-
-
-@contextmanager
-def _sigint_held():
-    """SIGINT blocked in this thread while it spawns workers: they inherit the mask, so a Ctrl-C
-    while they import torch (before ``_worker_init``) is not a traceback in each. This process
-    takes the signal when it is released (or at once in another of its threads)."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-def _stop(pool: ProcessPoolExecutor) -> None:
-    """Cancel the runs not started and end the running ones now (not after they finish, as the
-    pool's own shutdown would): a run cut short continues from its checkpoint under --resume."""
-    workers = list((pool._processes or {}).values())  # no public way to end a running task
-    pool.shutdown(wait=False, cancel_futures=True)
-    for p in workers:
-        p.terminate()
-    for p in workers:
-        p.join(10)
-        if p.is_alive():
-            p.kill()
-            p.join()
 
 
 def run_one(name: str, cell: dict, cfg: TrainConfig, run_dir: str | Path, *, eval_samples: int,
@@ -418,12 +329,10 @@ def run_grid(spec: GridSpec, out: str | Path, *, jobs: int = 1, resume: bool = F
                 on_result(records[name], len(records), len(runs))
     else:
         threads = max(1, (os.cpu_count() or 1) // jobs)
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"),
-                                 initializer=_worker_init,
-                                 initargs=(allocator_tuned(), os.getpid())) as pool:
+        with worker_pool(jobs, tune=allocator_tuned()) as pool:
             try:
-                with _sigint_held():  # the workers are spawned by submit
-                    futures = {pool.submit(_pool_run, name, cell, cfg, root / name,
+                with sigint_held():  # the workers are spawned by submit
+                    futures = {pool.submit(in_worker, run_one, name, cell, cfg, root / name,
                                            threads=threads, dtype=torch.get_default_dtype(),
                                            **kw): name
                                for name, cell, cfg in runs}
@@ -439,7 +348,7 @@ def run_grid(spec: GridSpec, out: str | Path, *, jobs: int = 1, resume: bool = F
                     if on_result:
                         on_result(records[name], len(records), len(runs))
             except BaseException:  # Ctrl-C, or an error in on_result
-                _stop(pool)
+                stop_pool(pool)
                 raise
     return [records[name] for name, _, _ in runs]
 

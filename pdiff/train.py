@@ -270,7 +270,7 @@ def build_net(cfg: TrainConfig, event_shape, num_classes: int | None = None) -> 
 # per example of a batch, a few copies (forward, backward, Adam) of each MLP layer's activations,
 # or ~40 feature maps of base_channels at full resolution and the attention matrices of a U-Net.
 def toy_data_bytes(cfg: TrainConfig) -> float:
-    dim = TOY_DATASETS[cfg.data]().event_shape[0] if cfg.data in TOY_DATASETS else 1
+    dim = TOY_DATASETS[cfg.data]().event_shape[0]
     return (cfg.train_size + cfg.test_size) * dim * (8 + 8 + 4)
 
 
@@ -286,6 +286,23 @@ def batch_bytes(cfg: TrainConfig, event_shape) -> float:
         att = max(kw["attention_resolutions"]) ** 4 * 4 * 3  # (HW)^2 scores, softmax, grad
         return cfg.batch_size * (base * H * W * 40 * 4 + att)
     return cfg.batch_size * (cfg.hidden * cfg.depth * 6 + event_shape[0] * 8) * 4
+
+
+def check_memory(cfg: TrainConfig, event_shape=None, *, processes: int = 1) -> None:
+    """``ValueError`` with the figure if ``cfg``'s data, schedule or training batch (split over
+    ``processes``) cannot fit in the memory available now. The batch is checked where its
+    ``event_shape`` is known: always for toys, for images once their data is loaded."""
+    image = is_image_data(cfg.data)
+    if not image:
+        require_memory(toy_data_bytes(cfg), f"the training data ({cfg.train_size} + "
+                       f"{cfg.test_size} points)", hint="lower --train-size or --test-size")
+        event_shape = TOY_DATASETS[cfg.data]().event_shape
+    require_memory(schedule_bytes(cfg), f"a schedule of T = {cfg.timesteps} steps",
+                   hint="lower --timesteps")
+    if event_shape is not None:
+        require_memory(batch_bytes(cfg, tuple(event_shape)) / processes,
+                       f"a training batch of {cfg.batch_size}",
+                       hint="lower --batch-size" + (" or --image-size" if image else ""))
 
 
 def build_model(cfg: TrainConfig, net, num_levels: int | None = None) -> ReverseProcess:
@@ -377,18 +394,12 @@ class Trainer:
             return self.rundir.resume
         resuming = distributed.on_main(check_dir)  # a refusal is raised on every rank
         self.local_batch = cfg.batch_size // self.world_size
-        if not is_image_data(cfg.data):
-            require_memory(toy_data_bytes(cfg), f"the training data ({cfg.train_size} + "
-                           f"{cfg.test_size} points)", hint="lower --train-size or --test-size")
-        require_memory(schedule_bytes(cfg), f"a schedule of T = {cfg.timesteps} steps",
-                       hint="lower --timesteps")
+        check_memory(cfg)
         torch.manual_seed(cfg.seed)
         data = load_run_data(cfg)
         self.event_shape, self.num_levels = data.event_shape, data.num_levels
         self.rescaling = data.rescaling
-        require_memory(batch_bytes(cfg, self.event_shape) / self.world_size,
-                       f"a training batch of {cfg.batch_size}", hint="lower --batch-size"
-                       + (" or --image-size" if data.is_image else ""))
+        check_memory(cfg, self.event_shape, processes=self.world_size)
         # data_on "device": the whole train split lives on the device, batches are gathered there
         # with no copy per step. "host": it stays in host memory, pinned for a CUDA device, and
         # each batch is gathered on the host into pinned memory and copied without a wait

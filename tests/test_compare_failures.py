@@ -49,6 +49,9 @@ def _without(args: list[str], *options: str) -> list[str]:
     ("schedule=nonsense", None, "schedule 'nonsense': unknown schedule 'nonsense'; valid: linear"),
     # a value is part of its runs' directory names: a path in it would nest them
     ("data_dir=a/b,c", None, "cannot vary 'data_dir'"),
+    # sizes that cannot fit: refused before the first run, not one failed run each
+    ("timesteps=5,1000000000000", "--timesteps", "timesteps 1000000000000: a schedule of T"),
+    ("batch_size=16,1000000000000", "--batch-size", "batch_size 1000000000000: a training batch"),
 ])
 def test_a_bad_grid_value_exits_2_in_one_line_before_anything_is_written(
         tmp_path, capsys, grid, option, message):
