@@ -19,7 +19,7 @@ from .data.toy import toy_split
 from .distributions import DECODER_VARIANCES, FIXED_VARIANCES, VARIANCES
 from .objectives import OBJECTIVES
 from .compare import draw_samples, evaluate_run
-from .evaluation import bound_bytes, bound_report
+from .evaluation import nonfinite_fields, bound_bytes, bound_report
 from .resources import require_memory
 from .run_data import is_image_data
 from . import distributed
@@ -252,20 +252,9 @@ def _json(obj: dict) -> str:
     return json.dumps(obj, allow_nan=False)
 
 
-def _nonfinite(report: dict) -> list[str]:
-    """The report's entries that are NaN or infinite (for a list, how many of its values)."""
-    bad = []
-    for key, value in report.items():
-        values = value if isinstance(value, list) else [value]
-        n = sum(isinstance(v, float) and not math.isfinite(v) for v in values)
-        if n:
-            bad.append(key if not isinstance(value, list) else f"{key} ({n} of {len(value)})")
-    return bad
-
-
 def _require_finite(report: dict, reason) -> None:
     """``RunFailed`` naming the non-finite entries of ``report`` and ``reason()``, if any."""
-    bad = _nonfinite(report)
+    bad = nonfinite_fields(report)
     if bad:
         raise RunFailed(f"the result is not finite: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} "
                         f"NaN or infinite ({reason()}); nothing printed")
@@ -285,7 +274,7 @@ def _size_reason(z: torch.Tensor, *, network: bool) -> str | None:
 
 def _checkpoint_reason(report: dict, x: torch.Tensor | None, run) -> str:
     """Why a run's report is not finite; its weights are (``load_run`` checks)."""
-    bound = [b for b in _nonfinite(report) if not b.startswith(("energy_", "sliced_"))]
+    bound = [b for b in nonfinite_fields(report) if not b.startswith(("energy_", "sliced_"))]
     if not bound:
         return "the model's samples are not finite: the sampling chain diverged"
     return ((x is not None and _size_reason(run.rescaling.apply(x), network=True))

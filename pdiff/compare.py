@@ -33,7 +33,7 @@ import torch
 
 from . import distributed
 from .data import entropy_mc, get_toy, has_exact_density, toy_split
-from .evaluation import CastNet, bound_report
+from .evaluation import CastNet, bound_report, nonfinite_fields
 from .metrics import energy_distance, sliced_wasserstein
 from .run_data import is_image_data, load_run_data
 from .runtime import allocator_tuned
@@ -296,6 +296,10 @@ def run_one(name: str, cell: dict, cfg: TrainConfig, run_dir: str | Path, *, eva
         run = load_run(run_dir)
         ev = evaluate_run(run, samples=eval_samples, seed=cfg.seed, metric_samples=metric_samples)
         samples = ev.pop("_samples", None)
+        bad = nonfinite_fields(ev)
+        if bad:  # a failed run, like a non-finite loss: no NaN passes into the table as a number
+            raise ArithmeticError(f"the evaluation is not finite: {', '.join(bad)} "
+                                  f"{'is' if len(bad) == 1 else 'are'} NaN or infinite")
         if samples is not None:
             with _writing(run_dir / SAMPLES_FILE):
                 atomic_save(samples, run_dir / SAMPLES_FILE)
@@ -305,7 +309,7 @@ def run_one(name: str, cell: dict, cfg: TrainConfig, run_dir: str | Path, *, eva
                    "traceback": traceback.format_exc(limit=3)}
     try:
         with _writing(run_dir / EVAL_FILE):
-            atomic_write_text(json.dumps(record), run_dir / EVAL_FILE)
+            atomic_write_text(json.dumps(_strict(record)), run_dir / EVAL_FILE)
     except WriteError as e:  # a failed run, so that --resume evaluates it again
         record |= {"status": "failed", "error": f"{type(e).__name__}: {e}"}
     return record
@@ -587,12 +591,24 @@ def write_results(out: str | Path, spec: GridSpec, records: list[dict], rows: li
                                   for f in figures] + [""]
 
     def write_pair(tmp: str) -> None:
-        Path(tmp).write_text(json.dumps(doc, indent=1), encoding="utf-8")
+        Path(tmp).write_text(json.dumps(_strict(doc), indent=1), encoding="utf-8")
         with _writing(out / "results.md"):
             atomic_write_text("\n".join(md), out / "results.md")
 
     with _writing(out / "results.json"):
         atomic_write(out / "results.json", write_pair)
+
+
+def _strict(obj):
+    """``obj`` with every non-finite float as ``None``: results files are strict JSON (RFC 8259),
+    and a failed run's partial numbers are not results."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return obj
 
 
 # -- figures ---------------------------------------------------------------------------------------

@@ -133,3 +133,15 @@ class CastNet:
         if name in ("net", "dtype"):  # not set yet (copy, unpickling): no recursion
             raise AttributeError(name)
         return getattr(self.net, name)
+
+
+def nonfinite_fields(report: dict) -> list[str]:
+    """The entries of a report (``BoundReport.to_dict()`` and what is added to it) that are NaN or
+    infinite; for a list, how many of its values."""
+    bad = []
+    for key, value in report.items():
+        values = value if isinstance(value, list) else [value]
+        n = sum(isinstance(v, float) and not math.isfinite(v) for v in values)
+        if n:
+            bad.append(key if not isinstance(value, list) else f"{key} ({n} of {len(value)})")
+    return bad

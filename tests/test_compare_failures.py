@@ -299,3 +299,32 @@ def test_ctrl_c_while_the_workers_start_is_no_traceback(launch):
     err.seek(0)
     text = err.read()
     assert "Traceback" not in text and "FAILED" not in text, text
+
+
+def test_a_non_finite_evaluation_is_a_failed_run_and_the_results_stay_strict_json(
+        tmp_path, monkeypatch, capsys):
+    """A run whose bound or sample metric came out NaN used to be 'ok', its NaN written into
+    results.json as a bare NaN token (not JSON)."""
+    import json
+
+    real = C.evaluate_run
+
+    def nan_for_vlb(run, **kw):
+        report = real(run, **kw)
+        if run.config.objective == "vlb":
+            report["energy_distance"] = float("nan")
+        return report
+    monkeypatch.setattr(C, "evaluate_run", nan_for_vlb)
+    out = tmp_path / "out"
+    code, _, err = cli(["compare", "--out", str(out), "--objectives", "simple,vlb", "--variances",
+                        "fixed_large", "--seeds", "1", "--jobs", "1", "--no-figures", *TINY_ARGS],
+                       capsys)
+    assert code == 0  # one run of two is ok
+    reject = lambda token: pytest.fail(f"results.json holds {token}")  # noqa: E731
+    doc = json.loads((out / "results.json").read_text(), parse_constant=reject)
+    status = {r["name"]: r["status"] for r in doc["runs"]}
+    assert status == {"simple-fixed_large-s0": "ok", "vlb-fixed_large-s0": "failed"}
+    failed = next(r for r in doc["runs"] if r["status"] == "failed")
+    assert "energy_distance is NaN or infinite" in failed["error"]
+    json.loads((out / "runs" / "vlb-fixed_large-s0" / "eval.json").read_text(),
+               parse_constant=reject)
