@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch.distributions import Distribution, kl_divergence
@@ -106,31 +107,84 @@ def sample_xt(model: ReverseProcess, x0: torch.Tensor, t: torch.Tensor,
 
 
 def full_bound(model: ReverseProcess, x0: torch.Tensor, *, chunk_size: int = 16384,
-               generator: torch.Generator | None = None) -> Bound:
+               generator: torch.Generator | None = None,
+               progress: Callable[[int], None] | None = None) -> Bound:
     """Every term of the bound for every example (the evaluation estimator), with no gradients.
 
     The N x T (example, step) pairs are flattened row-major and evaluated ``chunk_size`` at a time,
     one network call per chunk, so memory is bounded by the chunk, not by T x N, and there is no
-    loop over t. Each term uses its own draw of x_t ~ q(x_t | x_0).
+    loop over t. Each term uses its own draw of x_t ~ q(x_t | x_0). ``progress(pairs)`` is called
+    after each chunk with the number of pairs it held.
     """
-    T, d = model.num_timesteps, model.event_dims
-    batch_shape = x0.shape[: x0.dim() - d]
-    if len(batch_shape) != 1:
-        raise ValueError(f"full_bound takes a batch of examples, shape (N,) + event_shape; got "
-                         f"{tuple(x0.shape)} with {d} event dimensions")
-    N = batch_shape[0]
-    check_data(model, x0)
-    terms = x0.new_empty(N * T)
+    T = model.num_timesteps
+    N = _num_examples(model, x0)
+
+    def pairs(start: int, stop: int):  # row-major over (N, T), made a chunk at a time
+        idx = torch.arange(start, stop, device=x0.device)
+        return idx // T, idx % T + 1
+    terms = _pair_terms(model, x0, N * T, pairs, chunk_size, generator, progress)
     with torch.no_grad():
-        for start in range(0, N * T, chunk_size):
-            stop = min(start + chunk_size, N * T)
-            idx = torch.arange(start, stop, device=x0.device)
-            n, t = idx // T, idx % T + 1  # row-major over (N, T)
-            x0_c = x0.index_select(0, n)
-            xt, _ = sample_xt(model, x0_c, t, generator)
-            terms[start:stop] = _step_term(model, x0_c, xt, t, model._output(xt, t))
         prior = prior_term(model, x0)
     return Bound(prior=prior, terms=terms.reshape(N, T))
+
+
+def stratified_bound(model: ReverseProcess, x0: torch.Tensor, timestep_samples: int, *,
+                     chunk_size: int = 16384, generator: torch.Generator | None = None,
+                     progress: Callable[[int], None] | None = None) -> Bound:
+    """An unbiased estimate of the bound per example from K + 1 terms instead of T, K =
+    ``timestep_samples``: the decoder term L_0 exactly (it differs most from its neighbours), and
+    steps 2..T split into K contiguous strata S_k of near-equal size, one t_k ~ U(S_k) per stratum
+    and example:
+
+        L_T + L_0 + sum_k |S_k| L_{t_k - 1}     (E_t[|S_k| L_{t_k - 1}] = sum_{t in S_k} L_{t-1})
+
+    Returned as a ``Bound`` whose ``terms`` are (N, K + 1): column 0 is L_0, column k the weighted
+    term |S_k| L_{t_k - 1} (so ``total`` is the estimate). Stratifying keeps each draw's t near its
+    neighbours, so the variance is at most that of K uniform draws; K = T - 1 gives every term."""
+    T = model.num_timesteps
+    if not 1 <= timestep_samples <= max(T - 1, 1):
+        raise ValueError(f"timestep_samples must be in 1..T - 1 = {T - 1}, got {timestep_samples}")
+    N, K = _num_examples(model, x0), min(timestep_samples, T - 1)
+    dev = x0.device
+    edges = 1 + torch.div(torch.arange(K + 1, device=dev) * (T - 1), K, rounding_mode="floor")
+    width = edges[1:] - edges[:-1]  # (K,) >= 1; the strata cover 2..T
+    u = torch.rand((N, K), generator=generator, device=dev, dtype=torch.float64)
+    t = edges[:-1] + 1 + (u * width).long().clamp(max=width - 1)  # (N, K), t_k in S_k
+    t = torch.cat([torch.ones((N, 1), dtype=t.dtype, device=dev), t], 1).reshape(-1)  # L_0 first
+    n = torch.arange(N, device=dev).repeat_interleave(K + 1)
+    terms = _pair_terms(model, x0, N * (K + 1), lambda a, b: (n[a:b], t[a:b]), chunk_size,
+                        generator, progress)
+    with torch.no_grad():
+        prior = prior_term(model, x0)
+    weights = torch.cat([torch.ones(1, device=dev, dtype=width.dtype), width]).to(terms.dtype)
+    return Bound(prior=prior, terms=terms.reshape(N, K + 1) * weights)
+
+
+def _num_examples(model: ReverseProcess, x0: torch.Tensor) -> int:
+    batch_shape = x0.shape[: x0.dim() - model.event_dims]
+    if len(batch_shape) != 1:
+        raise ValueError(f"the bound takes a batch of examples, shape (N,) + event_shape; got "
+                         f"{tuple(x0.shape)} with {model.event_dims} event dimensions")
+    check_data(model, x0)
+    return batch_shape[0]
+
+
+def _pair_terms(model: ReverseProcess, x0: torch.Tensor, count: int,
+                pairs: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]], chunk_size: int,
+                generator, progress) -> torch.Tensor:
+    """The term of step t for example n, for each of the ``count`` pairs (n, t) that
+    ``pairs(start, stop)`` gives, ``chunk_size`` pairs per network call."""
+    terms = x0.new_empty(count)
+    with torch.no_grad():
+        for start in range(0, count, chunk_size):
+            stop = min(start + chunk_size, count)
+            n_c, t_c = pairs(start, stop)
+            x0_c = x0.index_select(0, n_c)
+            xt, _ = sample_xt(model, x0_c, t_c, generator)
+            terms[start:stop] = _step_term(model, x0_c, xt, t_c, model._output(xt, t_c))
+            if progress is not None:
+                progress(stop - start)
+    return terms
 
 
 def sampled_bound(model: ReverseProcess, x0: torch.Tensor, t: torch.Tensor, weights: torch.Tensor,

@@ -8,7 +8,8 @@ import torch
 
 from . import distributed
 from .distributions.reverse import ReverseProcess
-from .elbo import Bound, bits_per_dim, full_bound
+from .elbo import Bound, bits_per_dim, full_bound, stratified_bound
+from .resources import GiB, available_memory
 
 # bytes of float64 the bound holds per (example, step) pair of a chunk, per data dimension: x_0,
 # eps, x_t, the prediction, mu, log sigma^2, the posterior's mean and variance, the KL's temporaries
@@ -24,6 +25,11 @@ class BoundReport:
     rescaling the model was trained in, 0 without one). ``terms_nats[t - 1]`` is the mean term of
     step t (index 0: L_0). ``entropy_nats`` is the data entropy where the density is known, else None.
 
+    ``estimator``: ``all_terms`` (every term of every example, ``full_bound``) or ``stratified``
+    (``timestep_samples`` terms per example, ``stratified_bound``: unbiased, its sampling of t
+    included in ``nll_stderr``; no per-step ``terms_nats``, None). ``chunk_size``: the (example,
+    step) pairs per network call, chosen from the memory budget unless given.
+
     ``gap_nats`` estimates E_x[bound(x) + log p_data(x)] = nll - H. When the data's log density at
     the test points is given it is the paired mean of bound(x_i) + log p_data(x_i) over the same
     points (its standard error is that of the difference, smaller than the bound's alone when the
@@ -36,7 +42,7 @@ class BoundReport:
     nll_stderr: float | None
     bits_per_dim: float
     prior_nats: float
-    terms_nats: list[float]
+    terms_nats: list[float] | None
     log_jacobian_nats: float
     entropy_nats: float | None
     entropy_stderr: float | None
@@ -44,6 +50,9 @@ class BoundReport:
     gap_stderr: float | None
     num_samples: int
     dim: int
+    estimator: str = "all_terms"
+    timestep_samples: int | None = None
+    chunk_size: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,19 +60,26 @@ class BoundReport:
 
 def bound_report(model: ReverseProcess, x: torch.Tensor, *, log_jacobian: float = 0.0,
                  entropy: tuple[float | None, float | None] = (None, None),
-                 data_log_prob: torch.Tensor | None = None, chunk_size: int = 16384,
-                 generator: torch.Generator | None = None) -> BoundReport:
-    """Evaluate every term of the bound on the (already rescaled) examples ``x``, shape (N,) + event.
+                 data_log_prob: torch.Tensor | None = None, chunk_size: int | None = None,
+                 memory_budget: int | None = None, timestep_samples: int | None = None,
+                 generator: torch.Generator | None = None, progress: bool = False) -> BoundReport:
+    """Evaluate the bound on the (already rescaled) examples ``x``, shape (N,) + event: every term
+    (default), or ``timestep_samples`` stratified terms per example (``stratified_bound``).
 
     ``data_log_prob``, shape (N,): log p_data of the examples in the data's own units, for the
-    paired gap estimate (see ``BoundReport``).
+    paired gap estimate (see ``BoundReport``). ``chunk_size`` pairs go through the network at once;
+    by default as many as ``memory_budget`` bytes hold (``chunk_for_budget``; default
+    ``default_memory_budget``). ``progress``: a progress bar with the time left (on rank 0, on a terminal).
 
     Under ``torchrun`` every rank passes the same ``x`` and gets the same report: rank r evaluates
     the r-th of W contiguous slices of ``x`` and the per-example terms are gathered in order. Give
     each rank its own ``generator`` (seeded ``distributed.rank_seed(seed)``), or the slices share
     their noise draws.
     """
-    bound = sharded_bound(model, x, chunk_size=chunk_size, generator=generator)
+    if chunk_size is None:
+        chunk_size = chunk_for_budget(model, x, memory_budget)
+    bound = sharded_bound(model, x, chunk_size=chunk_size, generator=generator,
+                          timestep_samples=timestep_samples, progress=progress)
     total = bound.total.double() - log_jacobian
     n = total.shape[0]
     nll = total.mean().item()
@@ -78,26 +94,93 @@ def bound_report(model: ReverseProcess, x: torch.Tensor, *, log_jacobian: float 
         gap_se = None if stderr is None or h_se is None else math.sqrt(stderr**2 + h_se**2)
     else:
         gap = gap_se = None
+    terms = None if timestep_samples else bound.terms.double().mean(0).tolist()
     return BoundReport(nll_nats=nll, nll_stderr=stderr, bits_per_dim=bits_per_dim(nll, dim),
                        prior_nats=bound.prior.double().mean().item(),
-                       terms_nats=bound.terms.double().mean(0).tolist(), log_jacobian_nats=log_jacobian,
+                       terms_nats=terms, log_jacobian_nats=log_jacobian,
                        entropy_nats=h, entropy_stderr=h_se, gap_nats=gap, gap_stderr=gap_se,
-                       num_samples=n, dim=dim)
+                       num_samples=n, dim=dim,
+                       estimator="stratified" if timestep_samples else "all_terms",
+                       timestep_samples=timestep_samples, chunk_size=chunk_size)
 
 
 def sharded_bound(model: ReverseProcess, x: torch.Tensor, *, chunk_size: int = 16384,
-                  generator: torch.Generator | None = None) -> Bound:
-    """``full_bound`` of every example of ``x``, its examples split over the ranks under
-    ``torchrun`` (``full_bound`` itself in one process)."""
-    W = distributed.world_size()
-    if W == 1:
-        return full_bound(model, x, chunk_size=chunk_size, generator=generator)
+                  generator: torch.Generator | None = None, timestep_samples: int | None = None,
+                  progress: bool = False) -> Bound:
+    """``full_bound`` (or ``stratified_bound`` with ``timestep_samples``) of every example of
+    ``x``, its examples split over the ranks under ``torchrun``."""
+    from tqdm import tqdm
+
+    W, r = distributed.world_size(), distributed.rank()
     sizes = [len(part) for part in torch.arange(x.shape[0]).tensor_split(W)]
-    start = sum(sizes[: distributed.rank()])
-    mine = full_bound(model, x[start: start + sizes[distributed.rank()]], chunk_size=chunk_size,
-                      generator=generator)
-    return Bound(prior=distributed.all_gather_cat(mine.prior, sizes),
-                 terms=distributed.all_gather_cat(mine.terms, sizes))
+    start = sum(sizes[:r])
+    mine = x[start: start + sizes[r]]
+    per_example = timestep_samples + 1 if timestep_samples else model.num_timesteps
+    # shown on a terminal only (disable=None), so logs and captured output stay clean
+    bar = tqdm(total=len(mine) * per_example,
+               disable=None if progress and distributed.is_main() else True,
+               desc="bound", unit="pair", unit_scale=True, dynamic_ncols=True, smoothing=0.1)
+    kw = dict(chunk_size=chunk_size, generator=generator, progress=bar.update)
+    try:
+        b = (stratified_bound(model, mine, timestep_samples, **kw) if timestep_samples
+             else full_bound(model, mine, **kw))
+    finally:
+        bar.close()
+    if W == 1:
+        return b
+    return Bound(prior=distributed.all_gather_cat(b.prior, sizes),
+                 terms=distributed.all_gather_cat(b.terms, sizes))
+
+
+def default_memory_budget(device: torch.device | str = "cpu") -> int:
+    """The bytes a bound's chunks may take by default: half the free memory of a CUDA device; on
+    the CPU a quarter of the memory available now, at most 1 GiB (what keeps ``pdiff evaluate``
+    of an MNIST U-Net under 2 GB of resident memory with everything else it holds)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.5)
+    return int(min(GiB, available_memory() / 4))
+
+
+def pair_bytes(model: ReverseProcess, x: torch.Tensor) -> int:
+    """Bytes one (example, step) pair of a chunk can hold at once, measured by a dry run of the
+    network on one pair: the outputs of all its leaf modules (everything a forward pass makes; an
+    upper bound on what is alive at once without gradients), plus the bound's own tensors
+    (``PAIR_TENSORS`` per data dimension)."""
+    outputs = [0]
+
+    def count(module, inputs, out):
+        for o in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(o, torch.Tensor):
+                outputs[0] += o.numel() * o.element_size()
+    modules = [m for m in _modules(model.net) if not any(True for _ in m.children())]
+    hooks = [m.register_forward_hook(count) for m in modules]
+    try:
+        with torch.no_grad():
+            one = x[:1]
+            t = torch.full((1,), model.num_timesteps, dtype=torch.long, device=x.device)
+            model._output(one, t)
+    finally:
+        for h in hooks:
+            h.remove()
+    work = getattr(model.net, "work_bytes", None)  # a denoiser that is not a module says its own
+    extra = work(x.element_size()) if callable(work) else 0
+    return outputs[0] + extra + PAIR_TENSORS * x[0].numel() * x.element_size()
+
+
+def _modules(net) -> list[torch.nn.Module]:
+    """The ``nn.Module`` inside ``net`` (through wrappers such as ``CastNet``), or none."""
+    while not isinstance(net, torch.nn.Module) and hasattr(net, "net"):
+        net = net.net
+    return list(net.modules()) if isinstance(net, torch.nn.Module) else []
+
+
+def chunk_for_budget(model: ReverseProcess, x: torch.Tensor, memory_budget: int | None = None) -> int:
+    """The most (example, step) pairs whose chunk fits ``memory_budget`` bytes (default
+    ``default_memory_budget`` of ``x``'s device), at least 1 and at most the N T pairs there are."""
+    budget = default_memory_budget(x.device) if memory_budget is None else memory_budget
+    return int(max(1, min(budget // pair_bytes(model, x), x.shape[0] * model.num_timesteps)))
 
 
 def bound_bytes(num_examples: int, num_timesteps: int, num_dims: int, *, chunk_size: int,

@@ -28,6 +28,12 @@ class MixtureDenoiser:
     def __init__(self, mixture: GaussianMixture, schedule: NoiseSchedule):
         self.mixture, self.schedule = mixture, schedule
 
+    def work_bytes(self, itemsize: int) -> int:
+        """Bytes of the temporaries a call holds per example: K responsibilities, posterior means
+        and gains of D values (about 6 K D numbers); ``evaluation.pair_bytes`` sizes chunks by it."""
+        K, D = self.mixture.means.shape
+        return 6 * K * D * itemsize
+
     def __call__(self, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         m = self.mixture
         ab = self.schedule.tensor("alpha_bar", xt.device, xt.dtype)[t]  # batch_shape

@@ -16,7 +16,7 @@ from pdiff.data.toy import clusters8, mixture1d
 from pdiff.distributions import VARIANCES, q_posterior, quantize
 from pdiff.distributions.reverse import ReverseProcess
 from pdiff.elbo import (Bound, bits_per_dim, full_bound, prior_term, sample_xt, sampled_bound,
-                        step_term, trajectory_bound)
+                        step_term, stratified_bound, trajectory_bound)
 from pdiff.objectives import ImportanceSampler, UniformSampler
 from pdiff.nets import MLPDenoiser, UNet
 from pdiff.oracle import MixtureDenoiser
@@ -200,6 +200,55 @@ def test_full_bound_chunking_same_expectation_with_noise():
     b = full_bound(p, x0, chunk_size=997, generator=gen(12)).total
     d = a - b
     assert_within_stderr(d.mean(), 0.0, d.std() / math.sqrt(len(d)))
+
+
+# -- stratified_bound: an unbiased estimate from K + 1 terms ----------------------------------
+
+def time_only_model(T, variance="fixed_large"):
+    return ReverseProcess(TimeOnlyX0(), make_schedule("linear", T), prediction="x0",
+                          variance=variance, decoder_variance="beta_tilde2")
+
+
+def test_stratified_bound_with_one_step_per_stratum_is_the_full_bound():
+    """K = T - 1: every step 2..T is its own stratum, drawn once with weight 1, plus L_0. On
+    noise-free terms that is every term exactly."""
+    T, N = 12, 7
+    p = time_only_model(T)
+    x0 = torch.randn(N, 2, generator=gen(20))
+    full = full_bound(p, x0, generator=gen(21))
+    strat = stratified_bound(p, x0, T - 1, generator=gen(22))
+    torch.testing.assert_close(strat.total, full.total, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(strat.terms[:, 0], full.terms[:, 0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("K", [1, 3, 10])
+def test_stratified_bound_is_unbiased_on_noise_free_terms(K):
+    """Its only randomness is then the draw of t_k in each stratum: the mean over many draws is
+    the full bound, within the estimate's standard error."""
+    T, M = 40, 4000
+    p = time_only_model(T)
+    x0 = torch.randn(3, 2, generator=gen(23))
+    full = full_bound(p, x0, generator=gen(24)).total  # exact here
+    many = stratified_bound(p, x0.repeat_interleave(M, 0), K, generator=gen(25)).total.reshape(3, M)
+    assert_within_stderr(many.mean(1), full, many.std(1) / math.sqrt(M))
+    assert many.std(1).max() > 0  # the draw of t does vary the estimate
+
+
+def test_stratified_bound_agrees_with_the_full_bound_on_a_real_denoiser():
+    m = clusters8()
+    p = oracle_model(m, 50)
+    x0 = m.sample((3000,), generator=gen(26))
+    a = full_bound(p, x0, generator=gen(27)).total
+    b = stratified_bound(p, x0, 7, chunk_size=500, generator=gen(28)).total
+    d = a - b  # paired: same points, independent draws
+    assert_within_stderr(d.mean(), 0.0, d.std() / math.sqrt(len(d)))
+
+
+def test_stratified_bound_refuses_k_outside_its_range():
+    p = time_only_model(10)
+    for K in (0, 10):
+        with pytest.raises(ValueError, match="timestep_samples must be in 1..T - 1 = 9"):
+            stratified_bound(p, torch.zeros(2, 2), K)
 
 
 # -- the three estimators of the bound agree -------------------------------------------------

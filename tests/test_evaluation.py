@@ -12,7 +12,7 @@ from pdiff.elbo import full_bound
 from pdiff.evaluation import bound_report
 from pdiff.oracle import MixtureDenoiser
 from pdiff.schedules import make_schedule
-from tests.stats import Z
+from tests.stats import Z, assert_within_stderr
 
 T, N = 20, 500
 
@@ -67,3 +67,46 @@ def test_unpaired_gap_combines_the_two_standard_errors(oracle_case):
     assert abs(paired.gap_nats - r.gap_nats) < Z * r.gap_stderr
     none = bound_report(model, y, log_jacobian=log_jac, generator=gen(2))
     assert none.gap_nats is None and none.gap_stderr is None
+
+
+# -- chunks sized by memory, the stratified estimator ----------------------------------------
+
+def test_chunks_follow_the_memory_budget(oracle_case):
+    from pdiff.evaluation import chunk_for_budget, pair_bytes
+
+    model, rescaling, _, x = oracle_case
+    y = rescaling.apply(x)
+    per = pair_bytes(model, y)
+    assert per > 0
+    for budget in (1 << 20, 4 << 20, 16 << 20):
+        chunk = chunk_for_budget(model, y, budget)
+        assert chunk * per <= budget < (chunk + 1) * per or chunk == N * T
+    assert chunk_for_budget(model, y, 1) == 1  # at least one pair
+    assert chunk_for_budget(model, y, 1 << 40) == N * T  # no more than there are
+    r = bound_report(model, y, memory_budget=1 << 20, generator=gen(3))
+    assert r.chunk_size == chunk_for_budget(model, y, 1 << 20)
+
+
+def test_pair_bytes_of_a_unet_grows_with_its_pixels():
+    """The dry run counts the network's activations: a U-Net's grow with the image's area."""
+    from pdiff.evaluation import pair_bytes
+    from pdiff.nets import UNet, unet_for
+
+    per = {}
+    for size in (16, 32):  # the same three levels at both sizes
+        s = make_schedule("linear", 10)
+        net = UNet(**unet_for(size, 1, base_channels=16)).float()
+        model = ReverseProcess(net, s, decoder="discretized", num_levels=256, event_dims=3)
+        per[size] = pair_bytes(model, torch.zeros(2, 1, size, size, dtype=torch.float32))
+    assert 3.5 < per[32] / per[16] < 4.5
+
+
+def test_stratified_report_says_so_and_agrees_with_all_terms(oracle_case):
+    model, rescaling, _, x = oracle_case
+    y = rescaling.apply(x)
+    full = bound_report(model, y, generator=gen(4))
+    strat = bound_report(model, y, timestep_samples=5, generator=gen(5))
+    assert (full.estimator, full.timestep_samples) == ("all_terms", None)
+    assert (strat.estimator, strat.timestep_samples, strat.terms_nats) == ("stratified", 5, None)
+    assert_within_stderr(strat.nll_nats, full.nll_nats,
+                         math.sqrt(strat.nll_stderr**2 + full.nll_stderr**2))
