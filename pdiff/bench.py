@@ -42,6 +42,7 @@ from .runtime import tune_allocator
 from .distributions.discretized import quantize
 from .elbo import full_bound
 from .files import atomic_write, atomic_write_text
+from .evaluation import chunk_for_budget
 from .nets import UNet, unet_for
 from .objectives import hybrid_loss, make_sampler
 from .train import TrainConfig, Trainer, build_model, build_net, check_device, wrap_precision
@@ -65,6 +66,8 @@ class Settings:
     timesteps: int = 1000
     mlp_examples: int = 64  # N of the MLP's full bound: N x T pairs
     unet_examples: int = 2
+    mnist_examples: int = 1  # the MNIST U-Net's full bound: T passes of ~20 ms each on a CPU core
+    mnist_repeats: int = 3
     batch: int = 256  # the toy MLP's default batch
     unet_batch: int = 64  # the image default batch
     segment: int = 50  # Trainer iterations per timed call: one log line each, as by default
@@ -83,7 +86,7 @@ class Settings:
 
 
 QUICK = Settings(repeats=1, training_repeats=1, slow_training_repeats=1, timesteps=20,
-                 mlp_examples=4, unet_examples=1, batch=16, unet_batch=2, segment=2,
+                 mlp_examples=4, unet_examples=1, mnist_examples=1, mnist_repeats=1, batch=16, unet_batch=2, segment=2,
                  unet_segment=1, trajectory_segment=1, pyro_batch=2, pyro_segment=1,
                  growth_timesteps=(10, 20), growth_examples=(1, 2), growth_dims=(1, 2),
                  growth_n=2, growth_repeats=1, cuda_batch=4, cuda_examples=1, cuda_repeats=2)
@@ -152,21 +155,26 @@ def _mlp_model(timesteps: int, dim: int = 2, device="cpu"):
     return build_model(cfg, net), torch.zeros(1, dim, device=device, dtype=F32)
 
 
-def _unet_model(timesteps: int, device="cpu"):
-    cfg = TrainConfig.for_data("digits", timesteps=timesteps)
-    net = build_net(cfg, (1, 8, 8)).to(device, F32).eval()
-    like = torch.zeros(1, 1, 8, 8, device=device, dtype=F32)
-    return build_model(cfg, net, num_levels=17), like
+def _unet_model(timesteps: int, device="cpu", data: str = "digits", size: int = 8,
+                levels: int = 17):
+    """The default U-Net of ``data`` (images of ``size`` x ``size``, ``levels`` grey levels)."""
+    cfg = TrainConfig.for_data(data, timesteps=timesteps)
+    net = build_net(cfg, (1, size, size)).to(device, F32).eval()
+    like = torch.zeros(1, 1, size, size, device=device, dtype=F32)
+    return build_model(cfg, net, num_levels=levels), like
 
 
 def full_bound_vs_bare(model, like: torch.Tensor, n: int, *, repeats: int, device,
-                       chunk_size: int = 16384) -> dict:
-    """Time ``full_bound`` on ``n`` examples and the network alone on as many (x_t, t) pairs."""
+                       chunk_size: int | None = 16384) -> dict:
+    """Time ``full_bound`` on ``n`` examples and the network alone on as many (x_t, t) pairs,
+    ``chunk_size`` pairs per call (None: what ``pdiff evaluate`` chooses, the memory budget's)."""
     T, shape = model.num_timesteps, (n,) + like.shape[1:]
     gen = torch.Generator(device=device).manual_seed(0)
     x0 = torch.rand(shape, generator=gen, device=device, dtype=F32) * 2 - 1
     if model.decoder_type == "discretized":
         x0 = quantize(x0, model.num_levels)
+    if chunk_size is None:
+        chunk_size = chunk_for_budget(model, x0)
     pairs = n * T
     xt = torch.randn((pairs,) + like.shape[1:], generator=gen, device=device, dtype=F32)
     t = torch.arange(pairs, device=device) % T + 1
@@ -186,12 +194,17 @@ def full_bound_vs_bare(model, like: torch.Tensor, n: int, *, repeats: int, devic
 
 def bench_full_bound(s: Settings, device) -> list[dict]:
     T = s.timesteps
-    cases = [("MLP 3x128, 2D toy", _mlp_model(T, device=device), s.mlp_examples),
-             ("U-Net, 8x8 digits", _unet_model(T, device=device), s.unet_examples)]
+    mnist = _unet_model(T, device=device, data="mnist", size=28, levels=256)
+    cases = [("MLP 3x128, 2D toy", _mlp_model(T, device=device), s.mlp_examples, s.repeats, 16384),
+             ("U-Net, 8x8 digits", _unet_model(T, device=device), s.unet_examples, s.repeats,
+              16384),
+             # the chunk pdiff evaluate picks for this network under its default memory budget
+             ("U-Net, 28x28 MNIST, chunk by memory budget", mnist, s.mnist_examples,
+              s.mnist_repeats, None)]
     out = []
-    for name, (model, like), n in cases:
-        out.append(_judge({"case": name, **full_bound_vs_bare(model, like, n, repeats=s.repeats,
-                                                             device=device)},
+    for name, (model, like), n, repeats, chunk in cases:
+        out.append(_judge({"case": name, **full_bound_vs_bare(model, like, n, repeats=repeats,
+                                                             device=device, chunk_size=chunk)},
                           TARGETS["full_bound"]))
     return out
 

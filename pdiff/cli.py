@@ -21,6 +21,7 @@ from .objectives import OBJECTIVES
 from .compare import draw_samples, evaluate_run
 from .evaluation import nonfinite_fields, bound_bytes, bound_report
 from .resources import require_memory
+from .sampling import SAMPLING_METHODS
 from .run_data import is_image_data
 from . import distributed
 from .runtime import tune_allocator
@@ -40,6 +41,31 @@ class UserError(Exception):
 class RunFailed(Exception):
     """The command ran but its result is not usable (a non-finite bound, NaN samples): reported in
     one line, exit code 1; nothing is written."""
+
+
+def _bytes(text: str) -> int:
+    """A memory size: bytes, or a number with K, M, G or T (powers of 1024), such as 512M."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    body = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = body[-1:] if body[-1:] in units and body[-1:] else ""
+    try:
+        value = float(body[: len(body) - len(unit)]) * units[unit]
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 1 << 20):
+        raise argparse.ArgumentTypeError(f"expected a size of at least 1M such as 512M or 2G, "
+                                         f"got {text!r}")
+    return int(value)
+
+
+def _check_timestep_samples(args, T: int) -> None:
+    """--timestep-samples in 1..T; an explicit --memory-budget that the machine has."""
+    if args.timestep_samples is not None and args.timestep_samples > max(T - 1, 1):
+        raise UserError(f"--timestep-samples {args.timestep_samples}: at most T - 1 = {T - 1} "
+                        "(the steps 2..T it samples from; omit it for every term)")
+    if args.memory_budget is not None:
+        require_memory(args.memory_budget, f"--memory-budget {args.memory_budget >> 20}M",
+                       hint="give a smaller --memory-budget")
 
 
 def _positive_int(text: str) -> int:
@@ -117,6 +143,8 @@ ORACLE_OPTIONS = ("data", "denoiser", "schedule", "timesteps", "betas", "varianc
                   "decoder_variance", "rescale")
 CHECKPOINT_OPTIONS = ("metric_samples", "data_dir")
 DEFAULT_EVAL_SAMPLES = 4000
+# an image's bound costs T U-Net passes (MNIST, T = 1000: about 20 s on one CPU core)
+DEFAULT_IMAGE_EVAL_SAMPLES = 100
 
 
 def _given(args, names) -> list[str]:
@@ -180,7 +208,9 @@ def cmd_evaluate(args) -> int:
                        what=f"data in {args.data_file!r}")[: args.samples]
     n = len(x) if x is not None else args.samples or DEFAULT_EVAL_SAMPLES
     # the oracle's work per (example, step) pair: K posterior means and gains of D values
-    require_memory(bound_bytes(n, T, dim, chunk_size=args.chunk_size, net_bytes_per_pair=6 * K * dim * 8),
+    _check_timestep_samples(args, T)
+    require_memory(bound_bytes(n, T, dim, chunk_size=args.chunk_size or 0,
+                               net_bytes_per_pair=6 * K * dim * 8),
                    f"the bound over {n} test points x T = {T} steps",
                    hint="lower --samples or --timesteps")
     require_memory(args.entropy_samples * (3 + 3 * K) * dim * 8,
@@ -200,7 +230,9 @@ def cmd_evaluate(args) -> int:
     with torch.no_grad():
         report = bound_report(model, z, log_jacobian=rescaling.log_abs_det,
                               entropy=entropy, data_log_prob=log_px, chunk_size=args.chunk_size,
-                              generator=gen).to_dict()
+                              memory_budget=args.memory_budget,
+                              timestep_samples=args.timestep_samples,
+                              progress=not args.no_progress, generator=gen).to_dict()
     _require_finite(report, lambda: _size_reason(z, network=False)
                     or "the oracle's arithmetic overflowed on these test points")
     config["seed"] = args.seed
@@ -226,17 +258,20 @@ def _evaluate_checkpoint(args) -> int:
     if args.data_file:  # its first --samples rows, all by default
         x = check_data(_load_array(args.data_file), dim,
                        what=f"data in {args.data_file!r}")[: args.samples]
-    samples = args.samples or DEFAULT_EVAL_SAMPLES
+    samples = args.samples or (DEFAULT_IMAGE_EVAL_SAMPLES if image else DEFAULT_EVAL_SAMPLES)
     n = len(x) if x is not None else samples if image else min(samples, cfg.test_size)
     # what stays in host memory: the N x T terms and the N examples (the chunks run on --device)
     require_memory(bound_bytes(n, cfg.timesteps, dim, chunk_size=0),
                    f"the bound over {n} test points x T = {cfg.timesteps} steps",
                    hint="lower --samples")
-    # sampling images costs T U-Net passes per batch: fewer samples by default
-    default_metric = 256 if image else min(2000, cfg.test_size)
+    # sampling an image costs T U-Net passes: no sample metric unless asked for
+    default_metric = 0 if image else min(2000, cfg.test_size)
     metric = args.metric_samples if args.metric_samples is not None else default_metric
+    _check_timestep_samples(args, cfg.timesteps)
     report = evaluate_run(run, samples=samples, seed=args.seed, metric_samples=metric,
-                          entropy_samples=args.entropy_samples, chunk_size=args.chunk_size, x=x)
+                          entropy_samples=args.entropy_samples, chunk_size=args.chunk_size,
+                          memory_budget=args.memory_budget, timestep_samples=args.timestep_samples,
+                          progress=not args.no_progress, x=x)
     report.pop("_samples", None)
     _require_finite(report, lambda: _checkpoint_reason(report, x, run))
     config = asdict(cfg) | {"denoiser": "checkpoint", "checkpoint": str(args.checkpoint),
@@ -298,9 +333,14 @@ def _summary(r: dict, cfg: dict) -> str:
              f"{cfg['decoder_variance']}, rescale {cfg['rescale']}, {r['num_samples']} test points",
              f"  bound on -log p(x):  {_f(r['nll_nats'])} +- {_stderr(r['nll_stderr'])} nats "
              f"({_f(r['bits_per_dim'])} bits/dim, D = {r['dim']})",
-             f"  prior term L_T:      {r['prior_nats']:.3g} nats",
-             f"  decoder term L_0:    {_f(r['terms_nats'][0])} nats",
-             f"  transition terms:    {_f(sum(r['terms_nats'][1:]))} nats (sum of L_1..L_{{T-1}})"]
+             f"  prior term L_T:      {r['prior_nats']:.3g} nats"]
+    if r["terms_nats"] is not None:
+        lines += [f"  decoder term L_0:    {_f(r['terms_nats'][0])} nats",
+                  f"  transition terms:    {_f(sum(r['terms_nats'][1:]))} nats (sum of "
+                  "L_1..L_{T-1})"]
+    else:
+        lines.append(f"  estimator:           L_0 and {r['timestep_samples']} stratified steps "
+                     f"of 2..{cfg['timesteps']} per test point (unbiased; no per-step terms)")
     if r["log_jacobian_nats"]:
         lines.append(f"  rescaling log-Jacobian: {_f(r['log_jacobian_nats'])} nats (subtracted)")
     if r["entropy_nats"] is not None:
@@ -342,15 +382,26 @@ def build_parser() -> argparse.ArgumentParser:
                     help="diffuse rescaled data; the NLL is still reported in the data's units "
                     + od["rescale"])
     ev.add_argument("--samples", type=_positive_int, default=None,
-                    help=f"test points (default: {DEFAULT_EVAL_SAMPLES}; with --data-file the "
-                    "file's first N rows, default all)")
+                    help=f"test points (default: {DEFAULT_EVAL_SAMPLES}, images "
+                    f"{DEFAULT_IMAGE_EVAL_SAMPLES}; with --data-file the file's first N rows, "
+                    "default all)")
+    ev.add_argument("--timestep-samples", type=_positive_int, default=None, metavar="K",
+                    help="estimate each example's bound from L_0 and K stratified steps of 2..T "
+                    "instead of all T terms (unbiased; its standard error includes the sampling "
+                    "of t): about T/(K+1) times faster")
     ev.add_argument("--entropy-samples", type=_int_in(2), default=100_000,
                     help="Monte Carlo draws for the data entropy, >= 2 (default: 100000)")
-    ev.add_argument("--chunk-size", type=_positive_int, default=16384,
-                    help="(example, step) pairs evaluated at once; bounds the memory")
+    ev.add_argument("--chunk-size", type=_positive_int, default=None,
+                    help="(example, step) pairs per network call (default: as many as "
+                    "--memory-budget holds)")
+    ev.add_argument("--memory-budget", type=_bytes, default=None, metavar="SIZE",
+                    help="memory for the network's chunks, e.g. 512M or 2G (default: a quarter "
+                    "of the available memory, at most 1G; on a GPU half its free memory)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.add_argument("--metric-samples", type=_nonnegative_int, default=None,
                     help="with --checkpoint: model samples for the energy distance and sliced W2 "
-                    "to held-out test points (default: 2000 or the test split; 0: none)")
+                    "to held-out test points (default: 2000 or the test split; images 0, as each "
+                    "sample costs T network passes; 0: none)")
     ev.add_argument("--data-dir", metavar="DIR", help="with --checkpoint of an image run: where "
                     "the dataset's files are (default: the run's own --data-dir)")
     ev.add_argument("--precision", choices=PRECISIONS, default="fp32",
@@ -379,6 +430,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "images a .png grid or .npy (N, C, H, W) in [-1, 1]")
     sa.add_argument("--sampling-timesteps", type=_positive_int, metavar="K",
                     help="sample on K evenly spaced steps of the run's T (T always kept)")
+    # checked in cmd_sample, so that a bad value is one line (argparse adds its usage line)
+    sa.add_argument("--sampler", default="ddpm", metavar="|".join(SAMPLING_METHODS),
+                    help="ddpm: ancestral sampling from p_theta (default); ddim: DDIM (Song et al. "
+                    "2021, eq. 12) with --eta, on the same (respaced) steps")
+    sa.add_argument("--eta", default=None, metavar="ETA",
+                    help="with --sampler ddim: sigma_t = eta sqrt(beta_tilde_t), a finite number "
+                    ">= 0 (default 0: deterministic given x_T; 1: the fixed_small ancestral step's "
+                    "variance)")
     sa.add_argument("--figure", metavar="PNG", help="also draw the samples against held-out data")
     sa.add_argument("--data-dir", metavar="DIR", help="image runs: where the dataset's files are "
                     "(default: the run's own --data-dir)")
@@ -546,7 +605,7 @@ def _write_image_samples(run, x: torch.Tensor, out: Path, figure: Path | None, a
                 _write_array_atomic(x.float().numpy(), path)
     print(json.dumps({"out": str(out), "num": args.num, "shape": list(x.shape[1:]),
                       "sampling_timesteps": args.sampling_timesteps or run.config.timesteps,
-                      "num_levels": levels} | ({"figure": str(figure)} if figure else {})))
+                      "sampler": args.sampler, "eta": args.eta, "num_levels": levels} | ({"figure": str(figure)} if figure else {})))
     return 0
 
 
@@ -615,7 +674,29 @@ def _load_run_with_data_dir(args, device: str | torch.device = "cpu"):
     return run
 
 
+def _sampler_and_eta(args) -> None:
+    """--sampler in SAMPLING_METHODS; --eta finite and >= 0, given only with ddim (default 0);
+    ``args.eta`` becomes the float used (None under ddpm)."""
+    if args.sampler not in SAMPLING_METHODS:
+        raise UserError(f"--sampler {args.sampler!r}: unknown sampler; valid: "
+                        f"{', '.join(SAMPLING_METHODS)}")
+    if args.sampler != "ddim":
+        if args.eta is not None:
+            raise UserError("--eta applies to --sampler ddim only (ddpm draws each step with the "
+                            "model's own variance)")
+        return
+    text = "0" if args.eta is None else args.eta
+    try:
+        eta = float(text)
+    except ValueError:
+        eta = math.nan
+    if not math.isfinite(eta) or eta < 0:
+        raise UserError(f"--eta {text!r}: expected a finite number >= 0")
+    args.eta = eta
+
+
 def cmd_sample(args) -> int:
+    _sampler_and_eta(args)
     out = Path(args.out)
     figure = Path(args.figure) if args.figure else None
     if figure is not None and figure.suffix != ".png":
@@ -635,7 +716,7 @@ def cmd_sample(args) -> int:
     require_memory(args.num * numel * 32, f"{args.num} samples of {numel} values",
                    hint="lower --num (several files with different --seed add up to more)")
     x = draw_samples(run, args.num, seed=args.seed, sampling_timesteps=args.sampling_timesteps,
-                     labels=labels, guidance=args.guidance)
+                     labels=labels, guidance=args.guidance, sampler=args.sampler, eta=args.eta)
     bad = int((~torch.isfinite(x.flatten(1))).any(1).sum())
     if bad:  # the checkpoint's weights are finite (load_run checks): the chain overflowed
         raise RunFailed(f"{bad} of {args.num} samples are not finite (NaN or infinite): the "
@@ -650,14 +731,16 @@ def cmd_sample(args) -> int:
         data = get_toy(run.config.data)
         _, test = toy_split(data, 0, min(run.config.test_size, 5000), run.config.seed)
         steps = args.sampling_timesteps or run.config.timesteps
+        how = f", DDIM eta = {args.eta:g}" if args.sampler == "ddim" else ""
         with _writing(figure, out):
             plot_samples_grid({f"{run.config.objective} / {run.config.variance}, {steps} sampling "
-                               "steps": x}, test, figure,
+                               f"steps{how}": x}, test, figure,
                               density=data.log_prob if has_exact_density(data) else None,
                               title=f"{run.config.data}: {args.num} samples against held-out data")
     # the standard deviation of one sample is undefined: null
     print(_json({"out": str(out), "num": args.num, "dim": x.shape[1],
                  "sampling_timesteps": args.sampling_timesteps or run.config.timesteps,
+                 "sampler": args.sampler, "eta": args.eta,
                  "mean": x.mean(0).tolist(), "std": x.std(0).tolist() if args.num > 1 else None}
                 | ({"figure": str(figure)} if figure else {})))
     return 0

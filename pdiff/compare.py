@@ -37,7 +37,7 @@ from .evaluation import CastNet, bound_report, nonfinite_fields
 from .metrics import energy_distance, sliced_wasserstein
 from .run_data import is_image_data, load_run_data
 from .runtime import allocator_tuned
-from .sampling import ancestral_sample
+from .sampling import ancestral_sample, check_sampler, ddim_sample
 from .files import atomic_save, atomic_write, atomic_write_text
 from .workers import in_worker, sigint_held, stop_pool, worker_pool
 from .train import CHECKPOINT, Run, TrainConfig, Trainer, check_memory, load_run
@@ -66,11 +66,14 @@ def _writing(path: Path):
 
 def draw_samples(run: Run, num: int, *, seed: int = 0, sampling_timesteps: int | None = None,
                  chunk: int = 10_000, labels: torch.Tensor | None = None,
-                 guidance: float = 0.0) -> torch.Tensor:
-    """``num`` ancestral samples of a run's model, in the data's own units (rescaling undone),
-    float64 on the CPU. ``sampling_timesteps`` respaces the chain (evenly spaced steps, T kept).
-    The chain runs where the run's network is (``load_run(device=...)``), its noise drawn from a
-    generator there seeded ``seed``: a seed gives the same samples on the same kind of device.
+                 guidance: float = 0.0, sampler: str = "ddpm",
+                 eta: float | None = None) -> torch.Tensor:
+    """``num`` samples of a run's model, in the data's own units (rescaling undone), float64 on the
+    CPU: ancestral (``sampler="ddpm"``) or DDIM with ``eta`` (``"ddim"``, eta 0 unless given;
+    ``sampling.ddim_sample``). ``sampling_timesteps`` respaces the chain (evenly spaced steps, T
+    kept) for either. The chain runs where the run's network is (``load_run(device=...)``), its
+    noise drawn from a generator there seeded ``seed``: a seed gives the same samples on the same
+    kind of device.
 
     A class-conditional run samples p(x) (the null label) unless ``labels`` (``num`` of them, or
     one for all) are given; ``guidance`` w >= 0 is the classifier-free guidance scale
@@ -78,6 +81,7 @@ def draw_samples(run: Run, num: int, *, seed: int = 0, sampling_timesteps: int |
     from .nets import GuidedNet
     from .schedules import spaced_steps
 
+    eta = check_sampler(sampler, eta)
     model = run.model
     num_classes = getattr(run.model.net, "num_classes", None)
     if labels is None and guidance:
@@ -104,18 +108,25 @@ def draw_samples(run: Run, num: int, *, seed: int = 0, sampling_timesteps: int |
         if labels is not None:
             net = GuidedNet(model.net, labels[start:start + n], guidance, num_classes)
             part = model.replace(net=net)
-        parts.append(ancestral_sample(part, (n,) + tuple(run.event_shape), generator=gen,
-                                      device=device, dtype=torch.float32).x0.cpu())
+        kwargs = dict(generator=gen, device=device, dtype=torch.float32)
+        if sampler == "ddim":
+            x = ddim_sample(part, (n,) + tuple(run.event_shape), eta=eta, **kwargs).x0
+        else:
+            x = ancestral_sample(part, (n,) + tuple(run.event_shape), **kwargs).x0
+        parts.append(x.cpu())
     x = torch.cat(parts).double()
     return run.rescaling.invert(x)
 
 
 def evaluate_run(run: Run, *, samples: int = 4000, seed: int = 0, metric_samples: int = 0,
-                 entropy_samples: int = 100_000, chunk_size: int = 16384,
-                 x: torch.Tensor | None = None) -> dict:
+                 entropy_samples: int = 100_000, chunk_size: int | None = None,
+                 memory_budget: int | None = None, timestep_samples: int | None = None,
+                 progress: bool = False, x: torch.Tensor | None = None) -> dict:
     """The run's bound on the first ``samples`` points of its test split (or on ``x``, in data
     units), as ``BoundReport.to_dict()``; with ``metric_samples`` > 0 also the energy distance and
     sliced Wasserstein-2 distance between that many model samples and as many test points.
+    ``chunk_size``, ``memory_budget``, ``timestep_samples`` and ``progress`` are
+    ``bound_report``'s.
 
     The gap to the entropy is the paired estimate over the test points (``BoundReport``). Under
     ``torchrun`` every rank calls it: the bound is sharded over the ranks (``bound_report``) and the
@@ -144,7 +155,9 @@ def evaluate_run(run: Run, *, samples: int = 4000, seed: int = 0, metric_samples
     with torch.no_grad():
         report = bound_report(model, run.rescaling.apply(x).to(device, dtype),
                               log_jacobian=run.rescaling.log_abs_det, entropy=entropy,
-                              data_log_prob=log_px, chunk_size=chunk_size, generator=gen).to_dict()
+                              data_log_prob=log_px, chunk_size=chunk_size,
+                              memory_budget=memory_budget, timestep_samples=timestep_samples,
+                              progress=progress, generator=gen).to_dict()
     if metric_samples > 0 and distributed.is_main():
         report |= sample_metrics(run, metric_samples, seed=seed)
     return report

@@ -4,8 +4,9 @@ Every objective has the signature ``loss(model, x0, *, sampler, generator, **opt
 and returns a per-example loss (average it over the batch to train):
 
 - ``simple``: the mean over dimensions of ||target - prediction||^2 where the target is what the
-  network predicts (eps for the eps parameterization: Ho et al.'s L_simple, eq. 14; x_0 or the
-  posterior mean otherwise). It does not train a learned variance.
+  network predicts (eps for the eps parameterization: Ho et al.'s L_simple, eq. 14; x_0, the
+  posterior mean or v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0 otherwise; the v loss is
+  Salimans & Ho's, an x_0 loss weighted by SNR_t + 1). It does not train a learned variance.
 - ``vlb``: the bound estimator L_T + T w_t L_{t-1} (nats per example; see ``elbo.sampled_bound``).
 - ``hybrid``: simple + lambda T w_t L_{t-1} / (D ln 2) with mu_theta detached inside the bound term,
   lambda = 0.001 (Nichol & Dhariwal sec. 3.1: the bound term in bits per dimension, so it trains
@@ -22,7 +23,7 @@ import torch
 
 from .distributions.reverse import ReverseProcess
 from .elbo import _step_term, prior_term, sample_xt, trajectory_bound
-from .parameterization import posterior_mean
+from .parameterization import posterior_mean, v_from_x0_eps
 
 OBJECTIVES = ("simple", "vlb", "hybrid", "trajectory")
 SAMPLERS = ("uniform", "importance")
@@ -157,6 +158,8 @@ def _squared_error(model: ReverseProcess, out, x0, xt, t, eps) -> torch.Tensor:
         target = eps
     elif model.prediction == "x0":
         target = x0
+    elif model.prediction == "v":
+        target = v_from_x0_eps(model.schedule, x0, t, eps, model.event_dims)
     else:
         target = posterior_mean(model.schedule, x0, xt, t, model.event_dims)
     return _mean_over_event((out.prediction - target) ** 2, model.event_dims)

@@ -22,7 +22,12 @@ LAYERS = {
     "nets": {"nets"},
     "data": {"data", "files"},
     "files": set(),  # atomic writes: the standard library (and torch.save)
-    "evaluation": {"schedules", "parameterization", "distributions", "elbo", "distributed"},
+    "evaluation": {"schedules", "parameterization", "distributions", "elbo", "distributed",
+                   "resources"},
+    "resources": set(),  # what the machine has (memory): the standard library
+    "checkpoint": {"files"},
+    "rundir": set(),
+    "workers": {"runtime"},
     "metrics": set(),
     "distributed": set(),  # torch.distributed helpers: torch only
     "figures": {"schedules", "parameterization", "distributions", "sampling", "files"},

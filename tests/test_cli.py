@@ -271,3 +271,83 @@ def test_evaluate_and_sample_on_cuda_agree_with_the_cpu(run_dir, tmp_path, capsy
     code, _, _ = run(["sample", "--checkpoint", str(run_dir), "--num", "100", "--out",
                       str(tmp_path / "g.npy"), "--device", "cuda"], capsys)
     assert code == 0 and np.isfinite(np.load(tmp_path / "g.npy")).all()
+
+
+def test_evaluate_stratified_estimator_and_memory_budget(capsys):
+    args = ["evaluate", "--data", "clusters8", "--timesteps", "20", "--samples", "300",
+            "--entropy-samples", "2000", "--json"]
+    code, out, _ = run(args + ["--timestep-samples", "4", "--memory-budget", "8M"], capsys)
+    assert code == 0
+    r = json.loads(out)
+    assert (r["estimator"], r["timestep_samples"], r["terms_nats"]) == ("stratified", 4, None)
+    code, out, _ = run(args + ["--memory-budget", "1M"], capsys)
+    r = json.loads(out)
+    assert r["estimator"] == "all_terms" and len(r["terms_nats"]) == 20 and r["chunk_size"] >= 1
+    for bad, message in ((["--timestep-samples", "20"], "at most T - 1 = 19"),
+                         (["--memory-budget", "lots"], "expected a size"),
+                         (["--memory-budget", "100T"], "--memory-budget")):
+        try:
+            code, _, err = run(args + bad, capsys)
+        except SystemExit as e:  # argparse's refusal
+            code, err = e.code, capsys.readouterr().err
+        assert code == 2 and message in err
+
+
+# -- pdiff sample --sampler ddim --eta, and v-prediction runs -------------------------------------
+
+def test_sample_ddim_records_sampler_and_eta(run_dir, tmp_path, capsys):
+    def sample(name, *extra):
+        code, out, err = run(["sample", "--checkpoint", str(run_dir), "--num", "30", "--seed", "4",
+                              "--out", str(tmp_path / name), *extra], capsys)
+        assert code == 0, err
+        return np.load(tmp_path / name), json.loads(out)
+
+    x, r = sample("d.npy", "--sampler", "ddim", "--eta", "0", "--sampling-timesteps", "3")
+    assert (r["sampler"], r["eta"], r["sampling_timesteps"]) == ("ddim", 0.0, 3)
+    expected = draw_samples(load_run(run_dir), 30, seed=4, sampling_timesteps=3, sampler="ddim",
+                            eta=0.0).numpy()
+    np.testing.assert_array_equal(x, expected)
+    default, r = sample("default.npy", "--sampler", "ddim", "--sampling-timesteps", "3")
+    assert r["eta"] == 0.0 and np.array_equal(default, x)  # eta defaults to 0
+    noisy, r = sample("noisy.npy", "--sampler", "ddim", "--eta", "1", "--sampling-timesteps", "3",
+                      "--figure", str(tmp_path / "f.png"))
+    assert r["eta"] == 1.0 and not np.array_equal(noisy, x)
+    assert (tmp_path / "f.png").read_bytes().startswith(b"\x89PNG")
+    ancestral, r = sample("a.npy")
+    assert (r["sampler"], r["eta"]) == ("ddpm", None) and not np.array_equal(ancestral, noisy)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--sampler", "ddim", "--eta", "-1"], "--eta '-1': expected a finite number >= 0"),
+    (["--sampler", "ddim", "--eta", "nan"], "--eta 'nan': expected a finite number >= 0"),
+    (["--sampler", "ddim", "--eta", "inf"], "--eta 'inf': expected a finite number >= 0"),
+    (["--sampler", "ddim", "--eta", "one"], "--eta 'one': expected a finite number >= 0"),
+    (["--sampler", "ddim", "--eta", "100"], "eta must be at most"),
+    (["--sampler", "foo"], "--sampler 'foo': unknown sampler; valid: ddpm, ddim"),
+    (["--eta", "0.5"], "--eta applies to --sampler ddim only"),
+    (["--sampler", "ddpm", "--eta", "0"], "--eta applies to --sampler ddim only"),
+])
+def test_sample_bad_sampler_or_eta_exit_2_in_one_line(run_dir, tmp_path, capsys, extra, message):
+    path = tmp_path / "s.npy"
+    code, out, err = run(["sample", "--checkpoint", str(run_dir), "--num", "5", "--out", str(path),
+                          *extra], capsys)
+    assert code == 2 and out == "" and not path.exists()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+
+
+def test_train_v_prediction_then_sample_with_ddim(tmp_path, capsys):
+    out = tmp_path / "v"
+    assert main(["train", "--data", "mixture1d", "--prediction", "v", "--objective", "hybrid",
+                 "--variance", "learned_range", "--timesteps", "10", "--iterations", "20",
+                 "--batch-size", "32", "--hidden", "16", "--depth", "1", "--train-size", "500",
+                 "--test-size", "100", "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    run_ = load_run(out)
+    assert run_.config.prediction == "v" and run_.model.prediction == "v"
+    for extra in ([], ["--sampler", "ddim", "--sampling-timesteps", "5"]):
+        path = tmp_path / f"s{len(extra)}.npy"
+        code, stdout, err = run(["sample", "--checkpoint", str(out), "--num", "20", "--out",
+                                 str(path), *extra], capsys)
+        assert code == 0, err
+        assert np.load(path).shape == (20, 1) and np.isfinite(np.load(path)).all()

@@ -525,3 +525,17 @@ def test_compare_read_only_parent_exits_2(tmp_path, capsys):
         assert not list(locked.iterdir())
     finally:
         locked.chmod(0o700)
+
+
+def test_compare_grid_over_predictions_with_v(tmp_path, capsys):
+    """``--grid prediction=eps,v``: each prediction trains, evaluates and samples."""
+    out = tmp_path / "out"
+    code, stdout, err = cli(["compare", "--out", str(out), "--objectives", "simple", "--variances",
+                             "fixed_large", "--grid", "prediction=eps,v", "--seeds", "1",
+                             "--jobs", "1", "--no-figures", *TINY_ARGS], capsys)
+    assert code == 0, err
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["axes"]["prediction"] == ["eps", "v"]
+    assert [r["cell"]["prediction"] for r in doc["runs"]] == ["eps", "v"]
+    assert all(r["status"] == "ok" and math.isfinite(r["eval"]["nll_nats"]) for r in doc["runs"])
+    assert load_run(out / "runs" / doc["runs"][1]["name"]).model.prediction == "v"

@@ -17,7 +17,8 @@ from pdiff.elbo import full_bound, step_term
 from pdiff.nets import MeanVarianceNets, MLPDenoiser
 from pdiff.objectives import (LOSSES, OBJECTIVES, SAMPLERS, ImportanceSampler, UniformSampler,
                               get_objective, hybrid_loss, make_sampler, simple_loss, vlb_loss)
-from pdiff.parameterization import PREDICTIONS
+from pdiff.parameterization import (PREDICTIONS, eps_from_x0, posterior_mean, v_from_x0,
+                                    v_from_x0_eps, xt_from_x0)
 from pdiff.schedules import make_schedule
 from tests.stats import Z, assert_within_stderr
 
@@ -69,9 +70,52 @@ def test_each_prediction_trains_with_vlb(prediction):
     assert_training_lowers_bound(make_process(prediction, "fixed_large"), "vlb")
 
 
+@pytest.mark.parametrize("prediction", ("eps", "v"))
 @pytest.mark.parametrize("variance", VARIANCES)
-def test_each_variance_trains_with_vlb(variance):
-    assert_training_lowers_bound(make_process("eps", variance), "vlb")
+def test_each_variance_trains_with_vlb(variance, prediction):
+    assert_training_lowers_bound(make_process(prediction, variance), "vlb")
+
+
+@pytest.mark.parametrize("objective,variance", [("simple", "fixed_large"),
+                                                ("hybrid", "learned_range")])
+def test_v_prediction_trains_with_simple_and_hybrid(objective, variance):
+    assert_training_lowers_bound(make_process("v", variance), objective)
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_simple_regresses_on_what_the_network_predicts(prediction):
+    """L_simple's target is the true eps, x0, mean or v of the draw (same t and x_t), and under v it
+    is the x0 loss weighted by SNR_t + 1 (Salimans & Ho 2022): with nets whose x0_hat is the same,
+    ||v - v_hat||^2 = (1 + SNR_t) ||x0 - x0_hat||^2."""
+    s = make_schedule("cosine", T)
+    x0 = mixture1d().sample((256,), generator=gen(30))
+
+    def x0_hat(xt, t):
+        return torch.tanh(xt) * (1 + t[:, None] / T)
+
+    def net(xt, t):
+        return {"x0": x0_hat(xt, t), "eps": eps_from_x0(s, xt, t, x0_hat(xt, t), 1),
+                "v": v_from_x0(s, xt, t, x0_hat(xt, t), 1),
+                "mean": posterior_mean(s, x0_hat(xt, t), xt, t, 1)}[prediction]
+    loss = {}
+    for name in (prediction, "x0"):
+        p = ReverseProcess(lambda xt, t: net(xt, t) if name == prediction else x0_hat(xt, t), s,
+                           prediction=name)
+        loss[name] = simple_loss(p, x0, sampler=UniformSampler(T), generator=gen(31))
+    # the same draws as simple_loss makes: t, then eps
+    g = gen(31)
+    t, _ = UniformSampler(T).sample(256, generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    xt = xt_from_x0(s, x0, t, eps, 1)
+    target = {"x0": x0, "eps": eps, "v": v_from_x0_eps(s, x0, t, eps, 1),
+              "mean": posterior_mean(s, x0, xt, t, 1)}[prediction]
+    out = loss[prediction]
+    assert torch.equal(out.t, t)
+    torch.testing.assert_close(out.loss, ((net(xt, t) - target) ** 2).mean(-1), rtol=1e-12,
+                               atol=1e-15)
+    if prediction == "v":
+        snr = s.snr[t]
+        torch.testing.assert_close(out.loss, (1 + snr) * loss["x0"].loss, rtol=1e-9, atol=0)
 
 
 @pytest.mark.parametrize("objective,variance,sampler", [

@@ -200,6 +200,15 @@ def test_class_conditional_run_samples_classes_with_guidance(tmp_path, capsys):
                  "--guidance", "2"]) == 0
     assert Image.open(png).size[0] > 8
     capsys.readouterr()
+    # DDIM with guidance: guided x0_hat, the last one rounded to the decoder's levels
+    ddim = tmp_path / "ddim.npy"
+    assert main(["sample", "--checkpoint", str(out), "--num", "10", "--out", str(ddim), "--label",
+                 "all", "--guidance", "2", "--sampler", "ddim", "--eta", "0.5"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["sampler"], printed["eta"]) == ("ddim", 0.5)
+    x = np.load(ddim)
+    levels = (x + 1) * (run.model.num_levels - 1) / 2
+    assert x.shape[0] == 10 and np.abs(levels - levels.round()).max() < 1e-4
     npy = tmp_path / "s.npy"
     for args, message in [(["--label", "10"], "0..9"), (["--label", "x"], "0..9"),
                           (["--guidance", "1"], "needs --label"),

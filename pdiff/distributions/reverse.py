@@ -6,7 +6,9 @@ decoder p_theta(x_0 | x_1) at t = 1: the same Gaussian for real-valued data, or 
 version over K levels for images (eq. 13).
 
 What the network predicts (``prediction``):
-  ``eps``  the noise eps (Ho et al. eq. 11); ``x0``  the data x_0; ``mean``  mu_theta itself.
+  ``eps``  the noise eps (Ho et al. eq. 11); ``x0``  the data x_0; ``mean``  mu_theta itself;
+  ``v``    the velocity v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0 (Salimans & Ho 2022).
+Under eps, x0 and v the mean is mu_tilde_t(x_t, x0_hat) (eq. 7) at the implied x0_hat.
 How sigma_t^2 is chosen (``variance``):
   ``fixed_small``     beta_tilde_t;  ``fixed_large``  beta_t;
   ``learned``         the network outputs log sigma_t^2;
@@ -27,8 +29,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..parameterization import (check_prediction, eps_from_x0, posterior_mean, x0_from_eps,
-                                x0_from_posterior_mean)
+from ..parameterization import (check_prediction, eps_from_v, eps_from_x0, posterior_mean,
+                                x0_from_eps, x0_from_posterior_mean, x0_from_v)
 from ..schedules import NoiseSchedule
 from .discretized import DiscretizedGaussian
 from .normal import diag_normal, standard_normal
@@ -49,7 +51,7 @@ def _check(name: str, value: str, valid: tuple[str, ...]) -> str:
 class ReverseOutput:
     """What p_theta says at (x_t, t), every tensor with the shape of x_t.
 
-    ``prediction`` is the network's raw mean output (eps, x_0 or the mean, by parameterization);
+    ``prediction`` is the network's raw mean output (eps, x_0, v or the mean, by parameterization);
     ``x0`` and ``eps`` are the implied predictions; ``mean`` is mu_theta(x_t, t) and
     ``log_variance`` is log sigma_t^2. Those four are derived on first use, so a loss that needs
     only the prediction (L_simple) costs the network and nothing more. Indexing selects examples.
@@ -73,8 +75,12 @@ class ReverseOutput:
             if m.prediction == "mean":
                 x0 = x0_from_posterior_mean(s, self.mean, self.xt, self.t, d)
             else:
-                x0 = (self.prediction if m.prediction == "x0"
-                      else x0_from_eps(s, self.xt, self.t, self.prediction, d))
+                if m.prediction == "x0":
+                    x0 = self.prediction
+                elif m.prediction == "eps":
+                    x0 = x0_from_eps(s, self.xt, self.t, self.prediction, d)
+                else:
+                    x0 = x0_from_v(s, self.xt, self.t, self.prediction, d)
                 x0 = x0 if m.clip_x0 is None else x0.clamp(-m.clip_x0, m.clip_x0)
             self._x0 = x0
         return self._x0
@@ -91,8 +97,13 @@ class ReverseOutput:
     def eps(self) -> torch.Tensor:
         if self._eps is None:
             m = self.model
-            self._eps = (self.prediction if m.prediction == "eps" and m.clip_x0 is None
-                         else eps_from_x0(m.schedule, self.xt, self.t, self.x0, m.event_dims))
+            if m.clip_x0 is None and m.prediction == "eps":
+                self._eps = self.prediction
+            elif m.clip_x0 is None and m.prediction == "v":
+                # directly: through x_0 would divide by sqrt(1 - alpha_bar_t), small at t = 1
+                self._eps = eps_from_v(m.schedule, self.xt, self.t, self.prediction, m.event_dims)
+            else:
+                self._eps = eps_from_x0(m.schedule, self.xt, self.t, self.x0, m.event_dims)
         return self._eps
 
     @property
@@ -112,7 +123,8 @@ class ReverseProcess:
         prediction, variance, decoder, decoder_variance: options named in the module docstring.
         num_levels: K for the discretized decoder (256 for 8-bit data, 17 for the digits).
         event_dims: number of trailing event dimensions of the data (1 for vectors, 3 for images).
-        clip_x0: if given, clamp the predicted x_0 to [-clip_x0, clip_x0] (eps and x0 predictions).
+        clip_x0: if given, clamp the predicted x_0 to [-clip_x0, clip_x0] (eps, x0 and v
+            predictions; eps and the mean then follow from the clamped x_0).
         timestep_map: the network's step for each step of ``schedule`` (respaced chains).
     """
 

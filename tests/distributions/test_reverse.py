@@ -9,7 +9,12 @@ import torch.nn.functional as F
 from pdiff.distributions import (DECODER_VARIANCES, DECODERS, FIXED_VARIANCES, LEARNED_VARIANCES,
                                  VARIANCES, DiagNormal, DiscretizedGaussian, ReverseOutput, ReverseProcess,
                                  q_posterior)
-from pdiff.parameterization import PREDICTIONS, eps_from_x0, posterior_mean, xt_from_x0
+from pdiff.data import GaussianMixture
+from pdiff.distributions.discretized import quantize
+from pdiff.elbo import full_bound
+from pdiff.oracle import MixtureDenoiser
+from pdiff.parameterization import (PREDICTIONS, eps_from_x0, posterior_mean, v_from_x0,
+                                    xt_from_x0)
 from pdiff.schedules import make_schedule
 
 EPS = torch.finfo(torch.float64).eps
@@ -18,15 +23,22 @@ EVENTS = {1: (3,), 3: (2, 3, 3)}
 
 
 def _oracle(schedule, x0, prediction, event_dims):
-    """A net returning the true eps / x0 / posterior mean for the known data x0."""
+    """A net returning the true eps / x0 / v / posterior mean for the known data x0."""
     def net(xt, t):
         assert t.dtype == torch.long and t.shape == xt.shape[: xt.dim() - event_dims]
-        if prediction == "x0":
-            return x0
-        if prediction == "eps":
-            return eps_from_x0(schedule, xt, t, x0, event_dims)
-        return posterior_mean(schedule, x0, xt, t, event_dims)
+        return _predict(schedule, prediction, x0, xt, t, event_dims)
     return net
+
+
+def _predict(schedule, prediction, x0, xt, t, event_dims):
+    """What a network of ``prediction`` outputs when its x0_hat is ``x0``."""
+    if prediction == "x0":
+        return x0
+    if prediction == "eps":
+        return eps_from_x0(schedule, xt, t, x0, event_dims)
+    if prediction == "v":
+        return v_from_x0(schedule, xt, t, x0, event_dims)
+    return posterior_mean(schedule, x0, xt, t, event_dims)
 
 
 def _point(schedule, shape, event_dims):
@@ -314,7 +326,7 @@ def test_with_schedule_after_respacing_maps_to_training_steps():
     assert torch.equal(back.timestep_map, model.timestep_map)
 
 
-@pytest.mark.parametrize("prediction", ("eps", "x0"))
+@pytest.mark.parametrize("prediction", ("eps", "x0", "v"))
 def test_clip_x0(prediction):
     s = make_schedule("cosine", 100)
     x0_true = torch.tensor([[-3.0, 0.5], [2.0, -0.2], [0.9, 1.7]])
@@ -360,3 +372,49 @@ def test_prior_is_standard_normal():
     p = model.prior(like)
     assert p.batch_shape == (2,) and p.event_shape == (3, 4, 4)
     torch.testing.assert_close(p.log_prob(like), torch.full((2,), -0.5 * 48 * math.log(2 * math.pi)))
+
+
+# -- the parameterizations are one model ---------------------------------------------------------
+
+def _mixture_net(schedule, prediction, variance, event_dims):
+    """E[x_0 | x_t] of a two-mode mixture, coordinate by coordinate, output as ``prediction``
+    would have it, with a variance output (a smooth function of x_t) when ``variance`` is
+    learned."""
+    data = GaussianMixture(means=[[-0.5], [0.5]], stds=[0.2, 0.2], weights=[1.0, 2.0])
+    oracle = MixtureDenoiser(data, schedule)
+
+    def net(xt, t):
+        steps = t.reshape(t.shape + (1,) * event_dims).expand(xt.shape).reshape(-1)
+        x0 = oracle(xt.reshape(-1, 1), steps).reshape(xt.shape)
+        pred = _predict(schedule, prediction, x0, xt, t, event_dims)
+        return pred if variance in FIXED_VARIANCES else (pred, 0.9 * torch.tanh(xt))
+    return net
+
+
+@pytest.mark.parametrize("clip_x0", (None, 0.4))
+@pytest.mark.parametrize("event_dims", (1, 3))
+@pytest.mark.parametrize("decoder", DECODERS)
+@pytest.mark.parametrize("variance", VARIANCES)
+def test_predictions_of_one_x0_give_one_bound(variance, decoder, event_dims, clip_x0):
+    """Networks predicting eps, x0, v or the mean from one x0_hat are one model: mu_theta and
+    sigma_t agree at every step, so with the same draws of x_t every term of the bound agrees to
+    1e-9 nats. Clipping (active here: the modes are at -+0.5) acts on x0_hat whatever the
+    prediction (the mean prediction is not clipped and left out then)."""
+    s = make_schedule("cosine", 50)
+    K = 17
+    event = (2,) if event_dims == 1 else (1, 2, 2)
+    x0 = quantize(torch.randn((64,) + event) * 0.5, K)  # on the discretized decoder's levels
+    bounds = {}
+    for prediction in PREDICTIONS:
+        if prediction == "mean" and clip_x0 is not None:
+            continue
+        net = _mixture_net(s, prediction, variance, event_dims)
+        model = ReverseProcess(net, s, prediction=prediction, variance=variance, decoder=decoder,
+                               num_levels=K, event_dims=event_dims, clip_x0=clip_x0)
+        bounds[prediction] = full_bound(model, x0, generator=torch.Generator().manual_seed(1))
+    assert "v" in bounds and len(bounds) == (4 if clip_x0 is None else 3)
+    ref = bounds["x0"]
+    assert torch.isfinite(ref.terms).all() and ref.terms.std() > 0
+    for prediction, b in bounds.items():
+        torch.testing.assert_close(b.prior, ref.prior, rtol=0, atol=0)
+        torch.testing.assert_close(b.terms, ref.terms, rtol=1e-9, atol=1e-9, msg=prediction)
