@@ -11,17 +11,12 @@ import torch
 
 from pdiff.checkpoint import save_checkpoint
 from pdiff.cli import main
+from tests.test_compare import cli
 
 TINY = ["--timesteps", "20", "--samples", "200", "--entropy-samples", "2000", "--seed", "0"]
 
 
-def run(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse's own refusals
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+run = cli  # (exit code, stdout, stderr) of pdiff's main, argparse's own refusals included
 
 
 def strict_json(text: str) -> dict:
