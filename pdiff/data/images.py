@@ -355,5 +355,10 @@ def load_images(name: str, *, data_dir: str | Path | None = None, image_size: in
         x_train, x_test = (_resize(x, image_size, levels) for x in (x_train, x_test))
     labels = [None if y is None else torch.from_numpy(np.asarray(y, dtype=np.int64))
               for y in (y_train, y_test)]
+    for split, y in zip(("training", "test"), labels):  # a class-conditional net embeds them
+        if y is not None and classes and len(y) and not 0 <= int(y.min()) <= int(y.max()) < classes:
+            raise DataFileError(f"{name}: the {split} labels run from {int(y.min())} to "
+                                f"{int(y.max())}; expected classes 0..{classes - 1} "
+                                f"(data_dir {data_dir})")
     return ImageData(name, to_levels(x_train, levels), to_levels(x_test, levels), *labels,
                      num_levels=levels, num_classes=classes)

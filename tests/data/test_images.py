@@ -432,3 +432,22 @@ def test_image_size_too_large_for_memory_is_refused(tmp_path, name):
     cfg = TrainConfig.for_data(name, data_dir=str(tmp_path), image_size=10**6)
     with pytest.raises(ValueError, match=r"of memory.*--image-size"):
         load_run_data(cfg)
+
+
+@pytest.mark.parametrize("stem", ["train", "t10k"])
+def test_labels_outside_the_classes_are_refused(tmp_path, stem):
+    """A label of 12 in a 10-class dataset would index past a class-conditional net's embedding
+    in the middle of training: refused when the data is loaded, before a run writes anything."""
+    write_idx(tmp_path, gz=False, rng=np.random.default_rng(RNG_SEED))
+    labels = np.full(IDX_SIZES[stem], 3)
+    labels[1] = 12
+    (tmp_path / f"{stem}-labels-idx1-ubyte").write_bytes(idx_bytes(labels, 2049))
+    split = "training" if stem == "train" else "test"
+    with pytest.raises(DataFileError, match=f"the {split} labels run from 3 to 12; expected "
+                       "classes 0..9"):
+        load_images("mnist", data_dir=tmp_path)
+    from pdiff.cli import main
+    out = tmp_path / "run"
+    assert main(["train", "--data", "mnist", "--data-dir", str(tmp_path), "--class-cond",
+                 "--out", str(out)]) == 2
+    assert not out.exists()
