@@ -41,7 +41,7 @@ from .bench_baselines import HandLoop, chain_mean_field_bound
 from .runtime import tune_allocator
 from .distributions.discretized import quantize
 from .elbo import full_bound
-from .files import atomic_write, atomic_write_text
+from .files import atomic_write, atomic_write_text, unwritable
 from .evaluation import chunk_for_budget
 from .nets import UNet, unet_for
 from .objectives import hybrid_loss, make_sampler
@@ -678,14 +678,7 @@ def _unwritable(path: Path) -> str | None:
     """Why ``path`` cannot be written as a file (its missing folders are created), or None."""
     if path.is_dir():
         return f"{path} is a directory; expected a file name"
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        return f"cannot write {path}: {folder} is not a folder"
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return f"cannot write {path}: folder {folder} is not writable"
-    return None
+    return unwritable(path)
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m pdiff.bench") -> int:

@@ -75,3 +75,18 @@ def atomic_save(obj, path: str | Path) -> None:
     import torch
 
     atomic_write(path, lambda tmp: torch.save(obj, tmp), fsync=True)
+
+
+def unwritable(path: str | Path) -> str | None:
+    """Why ``path`` (a file or folder still to be made, with any missing folders above it) cannot
+    be created, or None: the nearest existing folder above it must be a writable folder."""
+    path = Path(path)
+    place = path.parent
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    if not place.is_dir():
+        return f"cannot write {path}: {place} is not a folder"
+    if not os.access(place, os.W_OK | os.X_OK):
+        return f"cannot write {path}: folder {place} is not writable"
+    return None
+

@@ -21,6 +21,8 @@ import os
 import shutil
 from pathlib import Path
 
+from .files import unwritable
+
 LOCK = ".pdiff.lock"
 STAGING = ".{name}.pdiff-new-{pid}"
 # the files a run directory may hold: the trainer's, compare's record and samples, temporaries
@@ -142,15 +144,9 @@ class RunDirectory:
 
 def _check_writable(out: Path) -> None:
     """``out`` (or the nearest existing folder above it, where it would be created) is writable."""
-    place = out
-    while not place.exists():
-        if place.parent == place:
-            break
-        place = place.parent
-    if not place.is_dir():
-        raise ValueError(f"cannot write run directory {str(out)!r}: {str(place)!r} is a file, not a folder")
-    if not os.access(place, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write to run directory {str(out)!r}: {str(place)!r} is not writable")
+    reason = unwritable(out / LOCK) if out.is_dir() else unwritable(out)
+    if reason:
+        raise ValueError(f"run directory {str(out)!r}: {reason}")
 
 
 def _take_lock(folder: Path) -> int:

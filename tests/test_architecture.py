@@ -26,7 +26,7 @@ LAYERS = {
                    "resources"},
     "resources": set(),  # what the machine has (memory): the standard library
     "checkpoint": {"files"},
-    "rundir": set(),
+    "rundir": {"files"},
     "workers": {"runtime"},
     "metrics": set(),
     "distributed": set(),  # torch.distributed helpers: torch only
