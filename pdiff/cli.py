@@ -28,7 +28,7 @@ from .runtime import tune_allocator
 from .train import (IMAGE_DEFAULTS, PRECISIONS, TrainConfig, Trainer, TrainingError,
                     check_device, load_run, wrap_precision)
 from .oracle import MixtureDenoiser
-from .schedules import SCHEDULES, NoiseSchedule, make_schedule
+from .schedules import SCHEDULES, NoiseSchedule, make_schedule, spaced_steps
 from .distributions.reverse import ReverseProcess
 
 DENOISERS = ("oracle",)
@@ -56,6 +56,14 @@ def _bytes(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a size of at least 1M such as 512M or 2G, "
                                          f"got {text!r}")
     return int(value)
+
+
+def _chain_length(args, T: int) -> int:
+    """The steps of the chain evaluated: T, or --sampling-timesteps K (refused above T)."""
+    K = args.sampling_timesteps
+    if K is not None and K > T:
+        raise UserError(f"--sampling-timesteps {K}: at most T = {T}")
+    return K or T
 
 
 def _check_timestep_samples(args, T: int) -> None:
@@ -141,7 +149,7 @@ ORACLE_DEFAULTS = {"denoiser": "oracle", "schedule": "cosine", "timesteps": 1000
                    "variance": "fixed_large", "decoder_variance": "beta1", "rescale": "none"}
 ORACLE_OPTIONS = ("data", "denoiser", "schedule", "timesteps", "betas", "variance",
                   "decoder_variance", "rescale")
-CHECKPOINT_OPTIONS = ("metric_samples", "data_dir")
+CHECKPOINT_OPTIONS = ("metric_samples", "data_dir", "clip_denoised")
 DEFAULT_EVAL_SAMPLES = 4000
 # an image's bound costs T U-Net passes (MNIST, T = 1000: about 20 s on one CPU core)
 DEFAULT_IMAGE_EVAL_SAMPLES = 100
@@ -208,7 +216,7 @@ def cmd_evaluate(args) -> int:
                        what=f"data in {args.data_file!r}")[: args.samples]
     n = len(x) if x is not None else args.samples or DEFAULT_EVAL_SAMPLES
     # the oracle's work per (example, step) pair: K posterior means and gains of D values
-    _check_timestep_samples(args, T)
+    _check_timestep_samples(args, _chain_length(args, T))
     require_memory(bound_bytes(n, T, dim, chunk_size=args.chunk_size or 0,
                                net_bytes_per_pair=6 * K * dim * 8),
                    f"the bound over {n} test points x T = {T} steps",
@@ -219,6 +227,9 @@ def cmd_evaluate(args) -> int:
     schedule = (NoiseSchedule.from_betas(betas) if betas is not None
                 else make_schedule(args.schedule, args.timesteps))
     model, rescaling, config = _oracle_model(args, data, schedule)
+    if args.sampling_timesteps:
+        model = model.respaced(spaced_steps(T, args.sampling_timesteps))
+    config["sampling_timesteps"] = args.sampling_timesteps
     if x is None:
         _, x = toy_split(data, 0, n, args.seed)
     entropy = entropy_mc(data, args.entropy_samples,
@@ -267,10 +278,15 @@ def _evaluate_checkpoint(args) -> int:
     # sampling an image costs T U-Net passes: no sample metric unless asked for
     default_metric = 0 if image else min(2000, cfg.test_size)
     metric = args.metric_samples if args.metric_samples is not None else default_metric
-    _check_timestep_samples(args, cfg.timesteps)
+    if args.clip_denoised and not image:
+        raise UserError(f"--clip-denoised clips x_0 to the image range [-1, 1]; {cfg.data} is "
+                        "vector data")
+    _check_timestep_samples(args, _chain_length(args, cfg.timesteps))
     report = evaluate_run(run, samples=samples, seed=args.seed, metric_samples=metric,
                           entropy_samples=args.entropy_samples, chunk_size=args.chunk_size,
                           memory_budget=args.memory_budget, timestep_samples=args.timestep_samples,
+                          sampling_timesteps=args.sampling_timesteps,
+                          clip_denoised=bool(args.clip_denoised),
                           progress=not args.no_progress, x=x)
     report.pop("_samples", None)
     _require_finite(report, lambda: _checkpoint_reason(report, x, run))
@@ -398,6 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="memory for the network's chunks, e.g. 512M or 2G (default: a quarter "
                     "of the available memory, at most 1G; on a GPU half its free memory)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.add_argument("--sampling-timesteps", type=_positive_int, default=None, metavar="K",
+                    help="the bound of the respaced chain on K evenly spaced steps of the T "
+                    "(T always kept; betas recomputed from alpha_bar), as pdiff sample uses it")
+    ev.add_argument("--clip-denoised", action="store_const", const=True, default=None,
+                    help="with --checkpoint of an image run: clip the predicted x_0 to [-1, 1] "
+                    "inside the bound, as Improved DDPM's NLL script does by default")
     ev.add_argument("--metric-samples", type=_nonnegative_int, default=None,
                     help="with --checkpoint: model samples for the energy distance and sliced W2 "
                     "to held-out test points (default: 2000 or the test split; images 0, as each "

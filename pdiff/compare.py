@@ -38,6 +38,7 @@ from .metrics import energy_distance, sliced_wasserstein
 from .run_data import is_image_data, load_run_data
 from .runtime import allocator_tuned
 from .sampling import ancestral_sample, check_sampler, ddim_sample
+from .schedules import spaced_steps
 from .files import atomic_save, atomic_write, atomic_write_text
 from .workers import in_worker, sigint_held, stop_pool, worker_pool
 from .train import CHECKPOINT, Run, TrainConfig, Trainer, check_memory, load_run
@@ -79,7 +80,6 @@ def draw_samples(run: Run, num: int, *, seed: int = 0, sampling_timesteps: int |
     one for all) are given; ``guidance`` w >= 0 is the classifier-free guidance scale
     (``nets.GuidedNet``; 0: the conditional model as trained)."""
     from .nets import GuidedNet
-    from .schedules import spaced_steps
 
     eta = check_sampler(sampler, eta)
     model = run.model
@@ -121,12 +121,15 @@ def draw_samples(run: Run, num: int, *, seed: int = 0, sampling_timesteps: int |
 def evaluate_run(run: Run, *, samples: int = 4000, seed: int = 0, metric_samples: int = 0,
                  entropy_samples: int = 100_000, chunk_size: int | None = None,
                  memory_budget: int | None = None, timestep_samples: int | None = None,
+                 sampling_timesteps: int | None = None, clip_denoised: bool = False,
                  progress: bool = False, x: torch.Tensor | None = None) -> dict:
     """The run's bound on the first ``samples`` points of its test split (or on ``x``, in data
     units), as ``BoundReport.to_dict()``; with ``metric_samples`` > 0 also the energy distance and
     sliced Wasserstein-2 distance between that many model samples and as many test points.
     ``chunk_size``, ``memory_budget``, ``timestep_samples`` and ``progress`` are
-    ``bound_report``'s.
+    ``bound_report``'s. ``sampling_timesteps`` K: the bound of the respaced K-step chain (the one
+    ``draw_samples`` samples); ``clip_denoised``: x_0 predictions clipped to [-1, 1] (images), as
+    Improved DDPM's NLL script does. Both are recorded in the report.
 
     The gap to the entropy is the paired estimate over the test points (``BoundReport``). Under
     ``torchrun`` every rank calls it: the bound is sharded over the ranks (``bound_report``) and the
@@ -150,14 +153,23 @@ def evaluate_run(run: Run, *, samples: int = 4000, seed: int = 0, metric_samples
     gen = torch.Generator(device=device).manual_seed(distributed.rank_seed(seed))  # each rank its own draws
     # toys: the bound's arithmetic in float64 around the float32 network (CastNet), so test points
     # whose squares overflow float32 keep a finite bound; images lie in [-1, 1]
-    model, dtype = ((run.model, torch.float32) if data.is_image else
-                    (run.model.replace(net=CastNet(run.model.net)), torch.float64))
+    model = run.model
+    if clip_denoised:
+        if not data.is_image:
+            raise ValueError(f"clip_denoised clips x_0 to the image range [-1, 1]; "
+                             f"{run.config.data} is vector data")
+        model = model.replace(clip_x0=1.0)
+    if sampling_timesteps:
+        model = model.respaced(spaced_steps(model.num_timesteps, sampling_timesteps))
+    model, dtype = ((model, torch.float32) if data.is_image else
+                    (model.replace(net=CastNet(model.net)), torch.float64))
     with torch.no_grad():
         report = bound_report(model, run.rescaling.apply(x).to(device, dtype),
                               log_jacobian=run.rescaling.log_abs_det, entropy=entropy,
                               data_log_prob=log_px, chunk_size=chunk_size,
                               memory_budget=memory_budget, timestep_samples=timestep_samples,
                               progress=progress, generator=gen).to_dict()
+    report |= {"sampling_timesteps": sampling_timesteps, "clip_denoised": clip_denoised}
     if metric_samples > 0 and distributed.is_main():
         report |= sample_metrics(run, metric_samples, seed=seed)
     return report

@@ -110,3 +110,23 @@ def test_stratified_report_says_so_and_agrees_with_all_terms(oracle_case):
     assert (strat.estimator, strat.timestep_samples, strat.terms_nats) == ("stratified", 5, None)
     assert_within_stderr(strat.nll_nats, full.nll_nats,
                          math.sqrt(strat.nll_stderr**2 + full.nll_stderr**2))
+
+
+def test_a_respaced_oracle_is_the_oracle_of_the_respaced_schedule(oracle_case):
+    """model.respaced(steps) feeds the network the original steps, whose alpha_bar the respaced
+    schedule keeps: the same chain as an oracle built on that schedule directly, draw for draw.
+    With every step kept it is the original chain."""
+    from pdiff.schedules import spaced_steps
+
+    model, rescaling, data, x = oracle_case
+    y = rescaling.apply(x)
+    schedule, _ = model.schedule.respace(spaced_steps(T, 7))
+    direct = ReverseProcess(MixtureDenoiser(rescaling.mixture(data), schedule), schedule,
+                            prediction="x0", variance="fixed_large")
+    a = bound_report(model.respaced(spaced_steps(T, 7)), y, generator=gen(6))
+    b = bound_report(direct, y, generator=gen(6))
+    assert len(a.terms_nats) == 7
+    assert a.nll_nats == pytest.approx(b.nll_nats, rel=1e-10)
+    every = bound_report(model.respaced(spaced_steps(T, T)), y, generator=gen(7))
+    assert every.nll_nats == pytest.approx(bound_report(model, y, generator=gen(7)).nll_nats,
+                                           rel=1e-9)

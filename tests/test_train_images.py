@@ -239,3 +239,24 @@ def test_every_objective_trains_the_unet(tmp_path, objective, class_cond):
     assert last["step"] == 2 and math.isfinite(last["loss"])
     report = evaluate_run(load_run(tmp_path / "run"), samples=4, seed=0)
     assert math.isfinite(report["nll_nats"])
+
+
+def test_evaluate_clip_denoised_and_a_respaced_chain(tmp_path, capsys):
+    """--clip-denoised clips x_0 inside the bound (Improved DDPM's NLL convention): an untrained
+    network's x_0 leaves [-1, 1], so the bound changes; --sampling-timesteps K evaluates the K-step
+    chain. Both are recorded; --clip-denoised is refused for vector data."""
+    out = tmp_path / "run"
+    Trainer(tiny(timesteps=20), out).train(progress=False)
+    base = ["evaluate", "--checkpoint", str(out), "--samples", "8", "--seed", "3", "--json"]
+    reports = {}
+    for name, extra in (("plain", []), ("clipped", ["--clip-denoised"]),
+                        ("respaced", ["--sampling-timesteps", "5"])):
+        assert main(base + extra) == 0
+        reports[name] = json.loads(capsys.readouterr().out)
+    plain, clipped, respaced = reports["plain"], reports["clipped"], reports["respaced"]
+    assert (plain["clip_denoised"], clipped["clip_denoised"]) == (False, True)
+    assert clipped["nll_nats"] != plain["nll_nats"]
+    assert respaced["sampling_timesteps"] == 5 and len(respaced["terms_nats"]) == 5
+    assert len(plain["terms_nats"]) == 20 and plain["sampling_timesteps"] is None
+    assert main(base + ["--sampling-timesteps", "21"]) == 2
+    assert "at most T = 20" in capsys.readouterr().err
