@@ -58,18 +58,15 @@ def _bytes(text: str) -> int:
     return int(value)
 
 
-def _chain_length(args, T: int) -> int:
-    """The steps of the chain evaluated: T, or --sampling-timesteps K (refused above T)."""
+def _check_bound_options(args, T: int) -> None:
+    """--sampling-timesteps K in 1..T; --timestep-samples in 1..K - 1 of the chain evaluated; an
+    explicit --memory-budget that the machine has."""
     K = args.sampling_timesteps
     if K is not None and K > T:
         raise UserError(f"--sampling-timesteps {K}: at most T = {T}")
-    return K or T
-
-
-def _check_timestep_samples(args, T: int) -> None:
-    """--timestep-samples in 1..T; an explicit --memory-budget that the machine has."""
-    if args.timestep_samples is not None and args.timestep_samples > max(T - 1, 1):
-        raise UserError(f"--timestep-samples {args.timestep_samples}: at most T - 1 = {T - 1} "
+    steps = K or T
+    if args.timestep_samples is not None and args.timestep_samples > max(steps - 1, 1):
+        raise UserError(f"--timestep-samples {args.timestep_samples}: at most T - 1 = {steps - 1} "
                         "(the steps 2..T it samples from; omit it for every term)")
     if args.memory_budget is not None:
         require_memory(args.memory_budget, f"--memory-budget {args.memory_budget >> 20}M",
@@ -215,10 +212,9 @@ def cmd_evaluate(args) -> int:
         x = check_data(_load_array(args.data_file), dim,
                        what=f"data in {args.data_file!r}")[: args.samples]
     n = len(x) if x is not None else args.samples or DEFAULT_EVAL_SAMPLES
-    # the oracle's work per (example, step) pair: K posterior means and gains of D values
-    _check_timestep_samples(args, _chain_length(args, T))
+    _check_bound_options(args, T)
     require_memory(bound_bytes(n, T, dim, chunk_size=args.chunk_size or 0,
-                               net_bytes_per_pair=6 * K * dim * 8),
+                               net_bytes_per_pair=MixtureDenoiser.example_bytes(K, dim, 8)),
                    f"the bound over {n} test points x T = {T} steps",
                    hint="lower --samples or --timesteps")
     require_memory(args.entropy_samples * (3 + 3 * K) * dim * 8,
@@ -281,7 +277,7 @@ def _evaluate_checkpoint(args) -> int:
     if args.clip_denoised and not image:
         raise UserError(f"--clip-denoised clips x_0 to the image range [-1, 1]; {cfg.data} is "
                         "vector data")
-    _check_timestep_samples(args, _chain_length(args, cfg.timesteps))
+    _check_bound_options(args, cfg.timesteps)
     report = evaluate_run(run, samples=samples, seed=args.seed, metric_samples=metric,
                           entropy_samples=args.entropy_samples, chunk_size=args.chunk_size,
                           memory_budget=args.memory_budget, timestep_samples=args.timestep_samples,

@@ -28,11 +28,15 @@ class MixtureDenoiser:
     def __init__(self, mixture: GaussianMixture, schedule: NoiseSchedule):
         self.mixture, self.schedule = mixture, schedule
 
-    def work_bytes(self, itemsize: int) -> int:
+    @staticmethod
+    def example_bytes(num_components: int, dim: int, itemsize: int) -> int:
         """Bytes of the temporaries a call holds per example: K responsibilities, posterior means
-        and gains of D values (about 6 K D numbers); ``evaluation.pair_bytes`` sizes chunks by it."""
-        K, D = self.mixture.means.shape
-        return 6 * K * D * itemsize
+        and gains of D values (about 6 K D numbers)."""
+        return 6 * num_components * dim * itemsize
+
+    def work_bytes(self, itemsize: int) -> int:
+        """``example_bytes`` of this mixture (``evaluation.pair_bytes`` sizes chunks by it)."""
+        return self.example_bytes(*self.mixture.means.shape, itemsize)
 
     def __call__(self, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         m = self.mixture
