@@ -39,8 +39,13 @@ class MixtureDenoiser:
         return self.example_bytes(*self.mixture.means.shape, itemsize)
 
     def __call__(self, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.x0_at_alpha_bar(xt, self.schedule.tensor("alpha_bar", xt.device, xt.dtype)[t])
+
+    def x0_at_alpha_bar(self, xt: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
+        """E[x_0 | x_t] at the noise level alpha_bar = ``ab`` (shape ``batch_shape``), any level in
+        (0, 1]: what continuous-time estimators (``pdiff.continuous``, ``pdiff.ode``) call."""
         m = self.mixture
-        ab = self.schedule.tensor("alpha_bar", xt.device, xt.dtype)[t]  # batch_shape
+        ab = torch.as_tensor(ab, dtype=xt.dtype, device=xt.device).expand(xt.shape[:-1])
         means = m.means.to(xt)
         var0 = m.stds.to(xt) ** 2
         log_r = m.component_log_prob(xt, ab.sqrt(), 1 - ab)  # (..., K)
