@@ -19,7 +19,7 @@ from .data.toy import toy_split
 from .distributions import DECODER_VARIANCES, FIXED_VARIANCES, VARIANCES
 from .objectives import OBJECTIVES
 from .compare import draw_samples, evaluate_run
-from .evaluation import nonfinite_fields, bound_bytes, bound_report
+from .evaluation import LIKELIHOODS, nonfinite_fields, bound_bytes, bound_report, other_likelihoods
 from .resources import require_memory
 from .sampling import SAMPLING_METHODS
 from .run_data import is_image_data
@@ -71,6 +71,25 @@ def _check_bound_options(args, T: int) -> None:
     if args.memory_budget is not None:
         require_memory(args.memory_budget, f"--memory-budget {args.memory_budget >> 20}M",
                        hint="give a smaller --memory-budget")
+    others = [name for name in args.likelihood if name != "bound"]
+    if others:
+        discrete_only = [flag for flag, given in (("--sampling-timesteps", K is not None),
+                                                  ("--clip-denoised", bool(args.clip_denoised)))
+                         if given]
+        if discrete_only:
+            raise UserError(f"{', '.join(discrete_only)} applies to the discrete bound; the "
+                            f"{' and '.join(others)} likelihood takes the model on its training "
+                            "chain (drop one of them)")
+    if "ode" not in args.likelihood and (given := _given(args, ODE_OPTIONS)):
+        given = [flag.replace("--", "--ode-", 1) for flag in given]  # dest rtol is --ode-rtol
+        raise UserError(f"{_applies(given)} to --likelihood ode")
+    if "continuous" not in args.likelihood and args.continuous_samples is not None:
+        raise UserError("--continuous-samples applies to --likelihood continuous")
+
+
+def _ode_options(args) -> dict:
+    """The ODE solver's options given on the command line (the rest at ``ode_nll``'s defaults)."""
+    return {name: getattr(args, name) for name in ODE_OPTIONS if getattr(args, name) is not None}
 
 
 def _positive_int(text: str) -> int:
@@ -112,6 +131,13 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = _finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def _load_array(path: str) -> torch.Tensor:
     """An array from a .npy file or a whitespace/comma-separated text file, one example a row."""
     p = Path(path)
@@ -147,6 +173,8 @@ ORACLE_DEFAULTS = {"denoiser": "oracle", "schedule": "cosine", "timesteps": 1000
 ORACLE_OPTIONS = ("data", "denoiser", "schedule", "timesteps", "betas", "variance",
                   "decoder_variance", "rescale")
 CHECKPOINT_OPTIONS = ("metric_samples", "data_dir", "clip_denoised")
+ODE_OPTIONS = ("rtol", "atol", "probes", "divergence", "u_start")
+DEFAULT_CONTINUOUS_SAMPLES = 16
 DEFAULT_EVAL_SAMPLES = 4000
 # an image's bound costs T U-Net passes (MNIST, T = 1000: about 20 s on one CPU core)
 DEFAULT_IMAGE_EVAL_SAMPLES = 100
@@ -240,6 +268,10 @@ def cmd_evaluate(args) -> int:
                               memory_budget=args.memory_budget,
                               timestep_samples=args.timestep_samples,
                               progress=not args.no_progress, generator=gen).to_dict()
+        report |= other_likelihoods(
+            model, z, args.likelihood, log_jacobian=rescaling.log_abs_det,
+            continuous_samples=args.continuous_samples or DEFAULT_CONTINUOUS_SAMPLES,
+            ode_options=_ode_options(args), memory_budget=args.memory_budget, generator=gen)
     _require_finite(report, lambda: _size_reason(z, network=False)
                     or "the oracle's arithmetic overflowed on these test points")
     config["seed"] = args.seed
@@ -283,7 +315,9 @@ def _evaluate_checkpoint(args) -> int:
                           memory_budget=args.memory_budget, timestep_samples=args.timestep_samples,
                           sampling_timesteps=args.sampling_timesteps,
                           clip_denoised=bool(args.clip_denoised),
-                          progress=not args.no_progress, x=x)
+                          progress=not args.no_progress, x=x, likelihoods=args.likelihood,
+                          continuous_samples=args.continuous_samples or DEFAULT_CONTINUOUS_SAMPLES,
+                          ode_options=_ode_options(args))
     report.pop("_samples", None)
     _require_finite(report, lambda: _checkpoint_reason(report, x, run))
     config = asdict(cfg) | {"denoiser": "checkpoint", "checkpoint": str(args.checkpoint),
@@ -353,6 +387,17 @@ def _summary(r: dict, cfg: dict) -> str:
     else:
         lines.append(f"  estimator:           L_0 and {r['timestep_samples']} stratified steps "
                      f"of 2..{cfg['timesteps']} per test point (unbiased; no per-step terms)")
+    if "continuous" in r:
+        c = r["continuous"]
+        lines.append(f"  continuous-time bound: {_f(c['nll_nats'])} +- {_stderr(c['nll_stderr'])} "
+                     f"nats ({_f(c['bits_per_dim'])} bits/dim; {c['num_u']} draws of u per point, "
+                     f"{c['wall_seconds']:.1f} s)")
+    if "ode" in r:
+        o = r["ode"]
+        lines.append(f"  probability-flow ODE: {_f(o['nll_nats'])} +- {_stderr(o['nll_stderr'])} "
+                     f"nats ({_f(o['bits_per_dim'])} bits/dim; {o['divergence']} divergence, "
+                     f"rtol {o['rtol']:g}, atol {o['atol']:g}, {o['nfe']} evaluations, "
+                     f"{o['wall_seconds']:.1f} s)")
     if r["log_jacobian_nats"]:
         lines.append(f"  rescaling log-Jacobian: {_f(r['log_jacobian_nats'])} nats (subtracted)")
     if r["entropy_nats"] is not None:
@@ -416,6 +461,28 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--clip-denoised", action="store_const", const=True, default=None,
                     help="with --checkpoint of an image run: clip the predicted x_0 to [-1, 1] "
                     "inside the bound, as Improved DDPM's NLL script does by default")
+    ev.add_argument("--likelihood", type=_list_of(LIKELIHOODS), default=("bound",),
+                    metavar="NAME[,NAME]",
+                    help="estimators of -log p(x), reported side by side on the same test points: "
+                         "bound (the discrete T-step bound, always), continuous (the "
+                         "continuous-time bound of VDM on the same schedule), ode (the exact "
+                         "likelihood of the probability-flow ODE; images dequantized)")
+    ev.add_argument("--continuous-samples", type=_positive_int, default=None, metavar="K",
+                    help=f"--likelihood continuous: draws of u per test point (default "
+                         f"{DEFAULT_CONTINUOUS_SAMPLES}, stratified)")
+    ev.add_argument("--ode-rtol", dest="rtol", type=_positive_float, default=None,
+                    help="--likelihood ode: the solver's relative tolerance (default 1e-5)")
+    ev.add_argument("--ode-atol", dest="atol", type=_positive_float, default=None,
+                    help="--likelihood ode: the solver's absolute tolerance (default 1e-5)")
+    ev.add_argument("--ode-divergence", dest="divergence", default=None,
+                    choices=("auto", "exact", "hutchinson"),
+                    help="--likelihood ode: the divergence exactly (D passes) or by "
+                         "Skilling-Hutchinson probes (default auto: exact for D <= 8)")
+    ev.add_argument("--ode-probes", dest="probes", type=_positive_int, default=None,
+                    help="--likelihood ode: Hutchinson probes per point (default 1)")
+    ev.add_argument("--ode-u-start", dest="u_start", type=_positive_float, default=None,
+                    metavar="U", help="--likelihood ode: where the flow starts, u in (0, 1) "
+                                      "(default 1e-5, as Song et al. 2021)")
     ev.add_argument("--metric-samples", type=_nonnegative_int, default=None,
                     help="with --checkpoint: model samples for the energy distance and sliced W2 "
                     "to held-out test points (default: 2000 or the test split; images 0, as each "

@@ -33,7 +33,7 @@ import torch
 
 from . import distributed
 from .data import entropy_mc, get_toy, has_exact_density, toy_split
-from .evaluation import CastNet, bound_report, nonfinite_fields
+from .evaluation import CastNet, bound_report, nonfinite_fields, other_likelihoods
 from .metrics import energy_distance, sliced_wasserstein
 from .run_data import is_image_data, load_run_data
 from .runtime import allocator_tuned
@@ -122,14 +122,19 @@ def evaluate_run(run: Run, *, samples: int = 4000, seed: int = 0, metric_samples
                  entropy_samples: int = 100_000, chunk_size: int | None = None,
                  memory_budget: int | None = None, timestep_samples: int | None = None,
                  sampling_timesteps: int | None = None, clip_denoised: bool = False,
-                 progress: bool = False, x: torch.Tensor | None = None) -> dict:
+                 progress: bool = False, x: torch.Tensor | None = None,
+                 likelihoods: tuple[str, ...] = (), continuous_samples: int = 16,
+                 ode_options: dict | None = None) -> dict:
     """The run's bound on the first ``samples`` points of its test split (or on ``x``, in data
     units), as ``BoundReport.to_dict()``; with ``metric_samples`` > 0 also the energy distance and
     sliced Wasserstein-2 distance between that many model samples and as many test points.
     ``chunk_size``, ``memory_budget``, ``timestep_samples`` and ``progress`` are
     ``bound_report``'s. ``sampling_timesteps`` K: the bound of the respaced K-step chain (the one
     ``draw_samples`` samples); ``clip_denoised``: x_0 predictions clipped to [-1, 1] (images), as
-    Improved DDPM's NLL script does. Both are recorded in the report.
+    Improved DDPM's NLL script does. Both are recorded in the report. ``likelihoods``: the other
+    estimators to report beside the bound, on the same points (``evaluation.other_likelihoods``:
+    ``continuous``, the continuous-time bound from ``continuous_samples`` draws of u per point;
+    ``ode``, the probability-flow ODE with ``ode_options``), each under its name.
 
     The gap to the entropy is the paired estimate over the test points (``BoundReport``). Under
     ``torchrun`` every rank calls it: the bound is sharded over the ranks (``bound_report``) and the
@@ -169,6 +174,10 @@ def evaluate_run(run: Run, *, samples: int = 4000, seed: int = 0, metric_samples
                               data_log_prob=log_px, chunk_size=chunk_size,
                               memory_budget=memory_budget, timestep_samples=timestep_samples,
                               progress=progress, generator=gen).to_dict()
+        report |= other_likelihoods(model, run.rescaling.apply(x).to(device, dtype), likelihoods,
+                                    log_jacobian=run.rescaling.log_abs_det,
+                                    continuous_samples=continuous_samples, ode_options=ode_options,
+                                    memory_budget=memory_budget, generator=gen)
     report |= {"sampling_timesteps": sampling_timesteps, "clip_denoised": clip_denoised}
     if metric_samples > 0 and distributed.is_main():
         report |= sample_metrics(run, metric_samples, seed=seed)

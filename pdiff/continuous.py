@@ -88,6 +88,8 @@ def discretize(log_snr, num_steps: int, u_first: float) -> NoiseSchedule:
 
 
 def _takes_real_time(net) -> bool:
+    while not isinstance(net, torch.nn.Module) and hasattr(net, "net"):  # through CastNet & co.
+        net = net.net
     modules = net.modules() if isinstance(net, torch.nn.Module) else ()
     return not any(isinstance(m, (OneHotEmbedding, LearnedEmbedding)) for m in modules)
 
@@ -119,9 +121,15 @@ class ContinuousDenoiser:
         u = torch.as_tensor(u, device=xt.device).expand(batch)
         lam = self.log_snr(u).to(xt.dtype)
         a, s = (v.reshape(batch + (1,) * d) for v in alpha_sigma(lam))
+        return self.eps(xt, u, a, s)
+
+    def eps(self, xt: torch.Tensor, u: torch.Tensor, a: torch.Tensor, s: torch.Tensor):
+        """eps_hat at (x_u, u) given alpha = ``a`` and sigma = ``s`` there (shaped to broadcast
+        against ``xt``), for callers that computed them (and may train through them)."""
+        m = self.model
         oracle = getattr(m.net, "x0_at_alpha_bar", None)
         if oracle is not None:
-            return (xt - a * oracle(xt, a.reshape(batch) ** 2)) / s
+            return (xt - a * oracle(xt, (a**2).reshape(u.shape))) / s
         pred, _ = m._split(m.net(xt, (u * self.num_timesteps).to(xt.dtype)))
         if m.prediction == "eps":
             return pred
@@ -188,6 +196,102 @@ def continuous_bound(model: ReverseProcess, x0: torch.Tensor, *, num_u: int = 16
                 progress(stop - start)
         diffusion = terms.reshape(N, num_u).mean(1) * (1 - u_first)
     return ContinuousBound(prior=prior, decoder=decoder, diffusion=diffusion, num_u=num_u)
+
+
+class LearnedLogSNR(torch.nn.Module):
+    """A learned monotone schedule with fixed endpoints (VDM sec. 3.4 and app. H's monotone network):
+
+        lambda(u) = lambda(u_1) + (lambda(1) - lambda(u_1)) (f(u) - f(u_1)) / (f(1) - f(u_1)),
+        f(u) = l1(u) + l3(sigmoid(l2(l1(u)))),
+
+    every weight of l1, l2, l3 kept positive (softplus), so f increases and lambda decreases from
+    the base schedule's ``lambda(u_1)`` to its ``lambda(1)``: the prior and decoder terms stay
+    what they are, and only the diffusion integral's variance depends on the schedule (its mean
+    does not, VDM eq. 19). Train it on the squared loss (``continuous_loss`` does, through
+    gradient hooks). Float64."""
+
+    def __init__(self, base: DiscreteLogSNR, hidden: int = 64):
+        super().__init__()
+        self.u_first = 1.0 / base.num_timesteps
+        ends = base(torch.tensor([self.u_first, 1.0], dtype=torch.float64))
+        self.register_buffer("ends", ends)
+        g = torch.Generator().manual_seed(0)
+        self.w1 = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+        self.b1 = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+        self.w2 = torch.nn.Parameter(torch.randn(hidden, dtype=torch.float64, generator=g))
+        self.b2 = torch.nn.Parameter(torch.zeros(hidden, dtype=torch.float64))
+        self.w3 = torch.nn.Parameter(torch.full((hidden,), -5.0, dtype=torch.float64))
+
+    def _f(self, u: torch.Tensor) -> torch.Tensor:
+        sp = torch.nn.functional.softplus
+        h = sp(self.w1) * u + self.b1  # (...,)
+        return h + (torch.sigmoid(h[..., None] * sp(self.w2) + self.b2) * sp(self.w3)).sum(-1)
+
+    def __call__(self, u: torch.Tensor) -> torch.Tensor:
+        u = u.to(torch.float64)
+        ends = self.ends
+        f0, f1 = self._f(ends.new_tensor([self.u_first, 1.0]))
+        return ends[0] + (ends[1] - ends[0]) * (self._f(u) - f0) / (f1 - f0)
+
+    def derivative(self, u: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
+        """d lambda / du by automatic differentiation (with ``create_graph`` to train through it)."""
+        with torch.enable_grad():
+            u = u.detach().to(torch.float64).requires_grad_(True)
+            (d,) = torch.autograd.grad(self(u).sum(), u, create_graph=create_graph)
+        return d
+
+
+def continuous_loss(model: ReverseProcess, x0: torch.Tensor, *, sampler=None,
+                    generator: torch.Generator | None = None,
+                    log_snr: DiscreteLogSNR | LearnedLogSNR | None = None, **_):
+    """The continuous-time bound (VDM eq. 17) as a training objective, nats per example: L_T + L_0
+    (the decoder at u_1 = 1/T, one draw of x_1) + the diffusion integral from one u per example,
+    the batch's u spread evenly over (u_1, 1) from one uniform offset (VDM's low-discrepancy
+    sampler, sec. 3.3). The network is trained at real steps s = u T.
+
+    With a ``LearnedLogSNR``, gradient hooks turn the schedule's gradient into that of the mean
+    squared loss (VDM sec. 5.2: the schedule minimizes the estimator's variance, not its mean),
+    while the network gets the gradient of the loss itself. Returns ``objectives.LossOutput``."""
+    from .objectives import LossOutput
+
+    N, d, dev = x0.shape[0], model.event_dims, x0.device
+    T = model.num_timesteps
+    u_first = 1.0 / T
+    den = ContinuousDenoiser(model, log_snr)
+    offset = torch.rand((), generator=generator, device=generator.device if generator else None)
+    grid = ((offset.to(dev, torch.float64) + torch.arange(N, device=dev, dtype=torch.float64) / N)
+            % 1.0)
+    u = u_first + (1 - u_first) * grid
+    learned = isinstance(den.log_snr, LearnedLogSNR)
+    lam = den.log_snr(u)
+    dlam = (den.log_snr.derivative(u, create_graph=True) if learned
+            else den.log_snr.derivative(u))
+    a, s = (v.to(x0.dtype).reshape((N,) + (1,) * d) for v in alpha_sigma(lam))
+    eps = torch.randn(x0.shape, dtype=x0.dtype, device=dev, generator=generator)
+    xu = a * x0 + s * eps
+    eps_hat = den.eps(xu, u, a, s)
+    err = ((eps - eps_hat) ** 2).flatten(x0.dim() - d).sum(-1)
+    diffusion = 0.5 * (1 - u_first) * (-dlam).to(x0.dtype) * err
+    t1 = torch.ones(N, dtype=torch.long, device=dev)
+    x1 = (model.schedule.at("sqrt_alpha_bar", t1, x0, d) * x0
+          + model.schedule.at("sqrt_one_minus_alpha_bar", t1, x0, d)
+          * torch.randn(x0.shape, dtype=x0.dtype, device=dev, generator=generator))
+    loss = prior_term(model, x0) + _step_term(model, x0, x1, t1, model._output(x1, t1)) + diffusion
+    if learned and torch.is_grad_enabled():
+        scale = 2 * loss.detach().to(torch.float64)  # d E[L^2] = E[2 L dL]
+        lam.register_hook(lambda g: g * scale)
+        dlam.register_hook(lambda g: g * scale)
+    return LossOutput(loss)
+
+
+def gaussian_discrete_diffusion(schedule: NoiseSchedule, data_var: float) -> float:
+    """E[sum_{t>=2} L_{t-1}] per dimension of the exact denoiser on N(mu, data_var) data with the
+    posterior's variance (beta_tilde), in closed form: L_{t-1} = c0_t^2 ||x_0 - x0_hat||^2 /
+    (2 beta_tilde_t) with E||x_0 - E[x_0 | x_t]||^2 = s^2 (1 - ab_t) / (ab_t s^2 + 1 - ab_t) per
+    dimension (the discrete counterpart of ``gaussian_mmse_integral``)."""
+    ab = schedule.alpha_bar[2:]
+    post_var = data_var * (1 - ab) / (ab * data_var + 1 - ab)
+    return float((schedule.posterior_coef_x0[2:] ** 2 * post_var / (2 * schedule.beta_tilde[2:])).sum())
 
 
 def gaussian_mmse_integral(log_snr, u_first: float, data_var: float, *, points: int = 20001) -> float:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -28,7 +29,8 @@ class BoundReport:
     ``estimator``: ``all_terms`` (every term of every example, ``full_bound``) or ``stratified``
     (``timestep_samples`` terms per example, ``stratified_bound``: unbiased, its sampling of t
     included in ``nll_stderr``; no per-step ``terms_nats``, None). ``chunk_size``: the (example,
-    step) pairs per network call, chosen from the memory budget unless given.
+    step) pairs per network call, chosen from the memory budget unless given. ``wall_seconds``:
+    the estimator's wall time.
 
     ``gap_nats`` estimates E_x[bound(x) + log p_data(x)] = nll - H. When the data's log density at
     the test points is given it is the paired mean of bound(x_i) + log p_data(x_i) over the same
@@ -53,6 +55,7 @@ class BoundReport:
     estimator: str = "all_terms"
     timestep_samples: int | None = None
     chunk_size: int | None = None
+    wall_seconds: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,6 +79,7 @@ def bound_report(model: ReverseProcess, x: torch.Tensor, *, log_jacobian: float 
     each rank its own ``generator`` (seeded ``distributed.rank_seed(seed)``), or the slices share
     their noise draws.
     """
+    start = time.perf_counter()
     if chunk_size is None:
         chunk_size = chunk_for_budget(model, x, memory_budget)
     bound = sharded_bound(model, x, chunk_size=chunk_size, generator=generator,
@@ -101,7 +105,8 @@ def bound_report(model: ReverseProcess, x: torch.Tensor, *, log_jacobian: float 
                        entropy_nats=h, entropy_stderr=h_se, gap_nats=gap, gap_stderr=gap_se,
                        num_samples=n, dim=dim,
                        estimator="stratified" if timestep_samples else "all_terms",
-                       timestep_samples=timestep_samples, chunk_size=chunk_size)
+                       timestep_samples=timestep_samples, chunk_size=chunk_size,
+                       wall_seconds=time.perf_counter() - start)
 
 
 def sharded_bound(model: ReverseProcess, x: torch.Tensor, *, chunk_size: int = 16384,
@@ -218,11 +223,65 @@ class CastNet:
         return getattr(self.net, name)
 
 
+def continuous_report(model: ReverseProcess, x: torch.Tensor, *, log_jacobian: float = 0.0,
+                      num_u: int = 16, chunk_size: int | None = None,
+                      memory_budget: int | None = None,
+                      generator: torch.Generator | None = None) -> dict:
+    """The continuous-time bound (``continuous.continuous_bound``, VDM eq. 17) of ``model`` on the
+    (already rescaled) examples ``x``, in the data's units as ``BoundReport``: ``nll_nats`` with its
+    standard error over examples (the draws of u and eps included), ``bits_per_dim``, the three
+    parts, ``num_u`` draws of u per example and the wall time."""
+    from .continuous import continuous_bound
+
+    start = time.perf_counter()
+    if chunk_size is None:
+        chunk_size = chunk_for_budget(model, x, memory_budget)
+    b = continuous_bound(model, x, num_u=num_u, chunk_size=chunk_size, generator=generator)
+    total = b.total.double() - log_jacobian
+    n, dim = total.shape[0], x[0].numel()
+    nll = total.mean().item()
+    return {"nll_nats": nll, "nll_stderr": total.std().item() / math.sqrt(n) if n > 1 else None,
+            "bits_per_dim": bits_per_dim(nll, dim), "prior_nats": b.prior.double().mean().item(),
+            "decoder_nats": b.decoder.double().mean().item(),
+            "diffusion_nats": b.diffusion.double().mean().item(), "num_u": num_u,
+            "u_first": 1.0 / model.num_timesteps, "num_samples": n,
+            "wall_seconds": time.perf_counter() - start}
+
+
+LIKELIHOODS = ("bound", "continuous", "ode")
+
+
+def other_likelihoods(model: ReverseProcess, x: torch.Tensor, likelihoods, *,
+                      log_jacobian: float = 0.0, continuous_samples: int = 16,
+                      ode_options: dict | None = None, memory_budget: int | None = None,
+                      generator: torch.Generator | None = None) -> dict:
+    """The estimators beside the discrete bound that ``likelihoods`` names, each its own report
+    keyed by name: ``continuous`` (``continuous_report``) and ``ode`` (``ode.ode_report``, with
+    ``ode_options``), on the same rescaled examples ``x``."""
+    unknown = [name for name in likelihoods if name not in LIKELIHOODS]
+    if unknown:
+        raise ValueError(f"unknown likelihood {unknown[0]!r}; valid: {', '.join(LIKELIHOODS)}")
+    out = {}
+    if "continuous" in likelihoods:
+        out["continuous"] = continuous_report(model, x, log_jacobian=log_jacobian,
+                                              num_u=continuous_samples,
+                                              memory_budget=memory_budget, generator=generator)
+    if "ode" in likelihoods:
+        from .ode import ode_report
+
+        out["ode"] = ode_report(model, x, log_jacobian=log_jacobian, generator=generator,
+                                **(ode_options or {})).to_dict()
+    return out
+
+
 def nonfinite_fields(report: dict) -> list[str]:
     """The entries of a report (``BoundReport.to_dict()`` and what is added to it) that are NaN or
-    infinite; for a list, how many of its values."""
+    infinite; for a list, how many of its values; a nested report's as ``name.entry``."""
     bad = []
     for key, value in report.items():
+        if isinstance(value, dict):
+            bad += [f"{key}.{inner}" for inner in nonfinite_fields(value)]
+            continue
         values = value if isinstance(value, list) else [value]
         n = sum(isinstance(v, float) and not math.isfinite(v) for v in values)
         if n:
