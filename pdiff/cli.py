@@ -563,6 +563,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="runs trained at once in worker processes (default: the CPU count)")
     co.add_argument("--eval-samples", type=_positive_int, default=2000,
                     help="test points for each run's bound (default: 2000)")
+    co.add_argument("--likelihood", type=_list_of(LIKELIHOODS), default=("bound",),
+                    metavar="NAME[,NAME]",
+                    help="estimators of -log p(x) in the table, side by side on the same test "
+                         "points: bound (always), continuous, ode (see pdiff evaluate --help)")
     co.add_argument("--metric-samples", type=_nonnegative_int, default=None,
                     help="model samples for the sample metrics (default: 1000, images 256; 0: none)")
     co.add_argument("--no-figures", action="store_true", help="write no figures")
@@ -572,6 +576,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(co, exclude=("objective", "variance", "seed"),
                      defaults={"iterations": COMPARE_ITERATIONS})
     co.set_defaults(func=cmd_compare)
+
+    fi = sub.add_parser("figure", help="draw one of the closed-form figures of docs/ "
+                        "(" + ", ".join(FIGURES) + ")")
+    fi.add_argument("name", choices=sorted(FIGURES), metavar="NAME",
+                    help="; ".join(f"{k}: {v[0]}" for k, v in FIGURES.items()))
+    fi.add_argument("--out", required=True, metavar="PNG", help="the image to write")
+    fi.add_argument("--force", action="store_true", help="overwrite an existing file")
+    fi.set_defaults(func=cmd_figure)
     return parser
 
 
@@ -886,6 +898,38 @@ def _grid_exclusions(items: list[str], axes: dict[str, tuple]) -> tuple[dict, ..
     return tuple(out)
 
 
+def _figure_continuous_limit(path: Path) -> None:
+    from .figures import plot_continuous_limit
+
+    plot_continuous_limit(path)
+
+
+def _figure_weightings(path: Path) -> None:
+    from .weighting import plot_weightings
+
+    plot_weightings(path)
+
+
+# name -> (what it shows, how to draw it at a path)
+FIGURES = {
+    "weightings": ("the weighting w(lambda) over log-SNR that each objective puts on the ELBO's "
+                   "integrand (Kingma & Gao 2023), linear and cosine schedules", _figure_weightings),
+    "continuous-limit": ("the discrete T'-step bound converging to the continuous-time bound "
+                         "(exact denoiser, Gaussian data, closed form)", _figure_continuous_limit),
+}
+
+
+def cmd_figure(args) -> int:
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out must name a .png file, got {args.out!r}")
+    _check_new_file(out, args.force, "--out")
+    with _writing(out):
+        FIGURES[args.name][1](out)
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_compare(args) -> int:
     from .compare import GridSpec, WriteError, compare, results_table
 
@@ -901,7 +945,8 @@ def cmd_compare(args) -> int:
     # sampling images costs T U-Net passes per batch: fewer samples by default
     metric = args.metric_samples if args.metric_samples is not None else (256 if image else 1000)
     spec = GridSpec(base, axes, tuple(range(args.seeds)), eval_samples=args.eval_samples,
-                    metric_samples=metric, exclude=_grid_exclusions(args.exclude, axes))
+                    metric_samples=metric, exclude=_grid_exclusions(args.exclude, axes),
+                    likelihoods=args.likelihood)
     try:
         result = compare(spec, args.out, jobs=args.jobs, resume=args.resume, force=args.force,
                          figures=not args.no_figures, command=args.command_line, log=sys.stderr)

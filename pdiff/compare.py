@@ -33,7 +33,7 @@ import torch
 
 from . import distributed
 from .data import entropy_mc, get_toy, has_exact_density, toy_split
-from .evaluation import CastNet, bound_report, nonfinite_fields, other_likelihoods
+from .evaluation import LIKELIHOODS, CastNet, bound_report, nonfinite_fields, other_likelihoods
 from .metrics import energy_distance, sliced_wasserstein
 from .run_data import is_image_data, load_run_data
 from .runtime import allocator_tuned
@@ -44,6 +44,8 @@ from .workers import in_worker, sigint_held, stop_pool, worker_pool
 from .train import CHECKPOINT, Run, TrainConfig, Trainer, check_memory, load_run
 
 EVAL_FILE = "eval.json"
+# objectives whose loss is a bound in nats (it can be negative: no log axis)
+BOUND_OBJECTIVES = ("vlb", "trajectory", "elbo", "continuous")
 SAMPLES_FILE = "samples.pt"
 
 
@@ -177,7 +179,8 @@ def evaluate_run(run: Run, *, samples: int = 4000, seed: int = 0, metric_samples
         report |= other_likelihoods(model, run.rescaling.apply(x).to(device, dtype), likelihoods,
                                     log_jacobian=run.rescaling.log_abs_det,
                                     continuous_samples=continuous_samples, ode_options=ode_options,
-                                    memory_budget=memory_budget, generator=gen)
+                                    memory_budget=memory_budget, log_snr=run.log_snr,
+                                    generator=gen)
     report |= {"sampling_timesteps": sampling_timesteps, "clip_denoised": clip_denoised}
     if metric_samples > 0 and distributed.is_main():
         report |= sample_metrics(run, metric_samples, seed=seed)
@@ -220,6 +223,7 @@ class GridSpec:
     eval_samples: int = 2000
     metric_samples: int = 1000
     exclude: tuple[dict, ...] = ()
+    likelihoods: tuple[str, ...] = ()  # estimators beside the bound: continuous, ode
 
     def __post_init__(self):
         # data_dir: one dataset, and a path in a value would nest its runs' directory names
@@ -234,6 +238,10 @@ class GridSpec:
         if not self.seeds:
             raise ValueError("a grid needs at least one seed")
         self.axes = {k: tuple(v) for k, v in self.axes.items()}
+        self.likelihoods = tuple(x for x in self.likelihoods if x != "bound")
+        wrong = [x for x in self.likelihoods if x not in LIKELIHOODS]
+        if wrong:
+            raise ValueError(f"unknown likelihood {wrong[0]!r}; valid: {', '.join(LIKELIHOODS)}")
         self.exclude = tuple(dict(e) for e in self.exclude)
         for e in self.exclude:
             wrong = [f"{k}={v!r}" for k, v in e.items() if k not in self.axes or v not in self.axes[k]]
@@ -286,7 +294,8 @@ class GridSpec:
         return out
 
 
-def _finished(run_dir: Path, cfg: TrainConfig, eval_samples: int, metric_samples: int) -> dict | None:
+def _finished(run_dir: Path, cfg: TrainConfig, eval_samples: int, metric_samples: int,
+              likelihoods: tuple[str, ...] = ()) -> dict | None:
     """The saved evaluation of a run already trained to the end with this configuration and
     evaluated on as many points."""
     ev, conf = run_dir / EVAL_FILE, run_dir / "config.json"
@@ -298,13 +307,14 @@ def _finished(run_dir: Path, cfg: TrainConfig, eval_samples: int, metric_samples
     except (OSError, ValueError):
         return None
     same_eval = (saved.get("eval_samples") == eval_samples
-                 and saved.get("metric_samples") == metric_samples)
+                 and saved.get("metric_samples") == metric_samples
+                 and all(name in saved.get("eval", {}) for name in likelihoods))
     return saved if same and same_eval and saved.get("status") == "ok" else None
 
 
 def run_one(name: str, cell: dict, cfg: TrainConfig, run_dir: str | Path, *, eval_samples: int,
             metric_samples: int, resume: bool, force: bool, threads: int | None = None,
-            dtype: torch.dtype | None = None,
+            dtype: torch.dtype | None = None, likelihoods: tuple[str, ...] = (),
             progress: bool = False) -> dict:
     """Train (or resume) and evaluate one run; a failure is returned as a record, not raised."""
     run_dir = Path(run_dir)
@@ -314,7 +324,8 @@ def run_one(name: str, cell: dict, cfg: TrainConfig, run_dir: str | Path, *, eva
         torch.set_default_dtype(dtype)
     record = {"name": name, "cell": cell, "seed": cfg.seed, "run_dir": str(run_dir),
               "eval_samples": eval_samples, "metric_samples": metric_samples}
-    if resume and (done := _finished(run_dir, cfg, eval_samples, metric_samples)) is not None:
+    if resume and (done := _finished(run_dir, cfg, eval_samples, metric_samples,
+                                     likelihoods)) is not None:
         return done | record | {"reused": True}
     try:
         wall, cpu = time.perf_counter(), time.process_time()
@@ -328,7 +339,8 @@ def run_one(name: str, cell: dict, cfg: TrainConfig, run_dir: str | Path, *, eva
                    "final_loss": last.get("loss")}
         del trainer
         run = load_run(run_dir)
-        ev = evaluate_run(run, samples=eval_samples, seed=cfg.seed, metric_samples=metric_samples)
+        ev = evaluate_run(run, samples=eval_samples, seed=cfg.seed, metric_samples=metric_samples,
+                          likelihoods=likelihoods)
         samples = ev.pop("_samples", None)
         bad = nonfinite_fields(ev)
         if bad:  # a failed run, like a non-finite loss: no NaN passes into the table as a number
@@ -358,7 +370,7 @@ def run_grid(spec: GridSpec, out: str | Path, *, jobs: int = 1, resume: bool = F
     with _writing(root):
         root.mkdir(parents=True, exist_ok=True)
     kw = dict(eval_samples=spec.eval_samples, metric_samples=spec.metric_samples, resume=resume,
-              force=force)
+              force=force, likelihoods=spec.likelihoods)
     records: dict[str, dict] = {}
     if jobs <= 1:
         for name, cell, cfg in runs:
@@ -501,6 +513,10 @@ def summarize(records: list[dict]) -> list[dict]:
             "sliced_wasserstein": [e.get("sliced_wasserstein") for e in ev],
             "train_seconds": [r.get("train_seconds") for r in ok],
             "train_cpu_seconds": [r.get("train_cpu_seconds") for r in ok],
+            "bound_seconds": [e.get("wall_seconds") for e in ev],
+            **{f"{name}_{k}": [e[name][k] if name in e else None for e in ev]
+               for name in ("continuous", "ode")
+               for k in ("nll_nats", "bits_per_dim", "wall_seconds")},
         }.items():
             row[key], row[key + "_se"] = _mean_se(values)
         if ev:
@@ -522,6 +538,10 @@ def results_table(rows: list[dict], *, image: bool = False) -> str:
 
     For images the bound and its terms are in bits per dimension (no entropy is known)."""
     axes = list(rows[0]["cell"]) if rows else []
+    others = [name for name in ("continuous", "ode")
+              if any(r.get(f"{name}_nll_nats") is not None for r in rows)]
+    if others:
+        return _likelihood_table(rows, axes, others, image)
     if image:
         cols = axes + ["seeds ok", "bits/dim", "L_T (bpd)", "L_0 (bpd)", "Σ L_{t-1} (bpd)",
                        "energy distance", "sliced W2", "train s (wall / CPU)"]
@@ -551,6 +571,33 @@ def results_table(rows: list[dict], *, image: bool = False) -> str:
             _fmt(r["energy_distance"], r["energy_distance_se"], 4),
             _fmt(r["sliced_wasserstein"], r["sliced_wasserstein_se"]),
             _fmt(r["train_seconds"], None, 0) + " / " + _fmt(r["train_cpu_seconds"], None, 0)]) + " |")
+    return "\n".join(lines)
+
+
+def _likelihood_table(rows: list[dict], axes: list[str], others: list[str], image: bool) -> str:
+    """The estimators side by side: the discrete bound, the continuous-time bound, the ODE NLL
+    (nats, or bits/dim for images), each with its standard error across seeds and its wall time."""
+    unit, key = ("bits/dim", "bits_per_dim") if image else ("nats", "nll_nats")
+    names = {"continuous": "continuous bound", "ode": "ODE NLL"}
+    cols = axes + ["seeds ok", f"discrete bound ({unit})", "bound s"]
+    for name in others:
+        cols += [f"{names[name]} ({unit})", f"{name} s"]
+    if not image:
+        cols.append("entropy gap of the bound (nats)")
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cell = [str(v) for v in r["cell"].values()] + [f"{r['ok']}/{r['runs']}"]
+        if r["ok"] == 0:
+            lines.append("| " + " | ".join(cell + ["failed"] + [""] * (len(cols) - len(cell) - 1))
+                         + " |")
+            continue
+        cell += [_fmt(r[key], r[key + "_se"]), _fmt(r["bound_seconds"], None, 2)]
+        for name in others:
+            cell += [_fmt(r[f"{name}_{key}"], r[f"{name}_{key}_se"]),
+                     _fmt(r[f"{name}_wall_seconds"], None, 2)]
+        if not image:
+            cell.append(_fmt(r["gap_nats"], r["gap_nats_se"]))
+        lines.append("| " + " | ".join(cell) + " |")
     return "\n".join(lines)
 
 
@@ -726,7 +773,7 @@ def _loss_figures(fig_dir: Path, spec: GridSpec, first_seed: list[dict]) -> list
                 [ln["step"] for ln in lines], [ln["loss"] for ln in lines])
     for objective, curves in by_objective.items():
         made.append(F.plot_loss_curves(curves, fig_dir / f"loss_{objective}.png",
-                                       ylabel=f"{objective} loss", logy=objective != "vlb",
+                                       ylabel=f"{objective} loss", logy=objective not in BOUND_OBJECTIVES,
                                        title=f"{base.data}: {objective} loss (seed {spec.seeds[0]})"))
     return made
 

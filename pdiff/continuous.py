@@ -156,15 +156,16 @@ class ContinuousBound:
 
 def continuous_bound(model: ReverseProcess, x0: torch.Tensor, *, num_u: int = 16,
                      chunk_size: int = 16384, generator: torch.Generator | None = None,
-                     progress=None) -> ContinuousBound:
+                     log_snr=None, progress=None) -> ContinuousBound:
     """The continuous-time bound (VDM eq. 17; see the module docstring) of ``model`` on its own
     schedule seen in continuous time: L_T and L_0 exactly as the discrete chain has them, the
     diffusion integral from ``num_u`` draws per example, stratified over (u_1, 1) (an unbiased
-    estimate; each example's draws are spread like VDM's low-discrepancy sampler)."""
+    estimate; each example's draws are spread like VDM's low-discrepancy sampler). ``log_snr``: a
+    learned schedule the model was trained on (default: the model's schedule, ``DiscreteLogSNR``)."""
     N = _num_examples(model, x0)
     if num_u < 1:
         raise ValueError(f"num_u must be >= 1, got {num_u}")
-    den = ContinuousDenoiser(model)
+    den = ContinuousDenoiser(model, log_snr)
     T, d, dev = model.num_timesteps, model.event_dims, x0.device
     u_first = 1.0 / T
     with torch.no_grad():
@@ -239,49 +240,6 @@ class LearnedLogSNR(torch.nn.Module):
             u = u.detach().to(torch.float64).requires_grad_(True)
             (d,) = torch.autograd.grad(self(u).sum(), u, create_graph=create_graph)
         return d
-
-
-def continuous_loss(model: ReverseProcess, x0: torch.Tensor, *, sampler=None,
-                    generator: torch.Generator | None = None,
-                    log_snr: DiscreteLogSNR | LearnedLogSNR | None = None, **_):
-    """The continuous-time bound (VDM eq. 17) as a training objective, nats per example: L_T + L_0
-    (the decoder at u_1 = 1/T, one draw of x_1) + the diffusion integral from one u per example,
-    the batch's u spread evenly over (u_1, 1) from one uniform offset (VDM's low-discrepancy
-    sampler, sec. 3.3). The network is trained at real steps s = u T.
-
-    With a ``LearnedLogSNR``, gradient hooks turn the schedule's gradient into that of the mean
-    squared loss (VDM sec. 5.2: the schedule minimizes the estimator's variance, not its mean),
-    while the network gets the gradient of the loss itself. Returns ``objectives.LossOutput``."""
-    from .objectives import LossOutput
-
-    N, d, dev = x0.shape[0], model.event_dims, x0.device
-    T = model.num_timesteps
-    u_first = 1.0 / T
-    den = ContinuousDenoiser(model, log_snr)
-    offset = torch.rand((), generator=generator, device=generator.device if generator else None)
-    grid = ((offset.to(dev, torch.float64) + torch.arange(N, device=dev, dtype=torch.float64) / N)
-            % 1.0)
-    u = u_first + (1 - u_first) * grid
-    learned = isinstance(den.log_snr, LearnedLogSNR)
-    lam = den.log_snr(u)
-    dlam = (den.log_snr.derivative(u, create_graph=True) if learned
-            else den.log_snr.derivative(u))
-    a, s = (v.to(x0.dtype).reshape((N,) + (1,) * d) for v in alpha_sigma(lam))
-    eps = torch.randn(x0.shape, dtype=x0.dtype, device=dev, generator=generator)
-    xu = a * x0 + s * eps
-    eps_hat = den.eps(xu, u, a, s)
-    err = ((eps - eps_hat) ** 2).flatten(x0.dim() - d).sum(-1)
-    diffusion = 0.5 * (1 - u_first) * (-dlam).to(x0.dtype) * err
-    t1 = torch.ones(N, dtype=torch.long, device=dev)
-    x1 = (model.schedule.at("sqrt_alpha_bar", t1, x0, d) * x0
-          + model.schedule.at("sqrt_one_minus_alpha_bar", t1, x0, d)
-          * torch.randn(x0.shape, dtype=x0.dtype, device=dev, generator=generator))
-    loss = prior_term(model, x0) + _step_term(model, x0, x1, t1, model._output(x1, t1)) + diffusion
-    if learned and torch.is_grad_enabled():
-        scale = 2 * loss.detach().to(torch.float64)  # d E[L^2] = E[2 L dL]
-        lam.register_hook(lambda g: g * scale)
-        dlam.register_hook(lambda g: g * scale)
-    return LossOutput(loss)
 
 
 def gaussian_discrete_diffusion(schedule: NoiseSchedule, data_var: float) -> float:

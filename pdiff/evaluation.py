@@ -225,7 +225,7 @@ class CastNet:
 
 def continuous_report(model: ReverseProcess, x: torch.Tensor, *, log_jacobian: float = 0.0,
                       num_u: int = 16, chunk_size: int | None = None,
-                      memory_budget: int | None = None,
+                      memory_budget: int | None = None, log_snr=None,
                       generator: torch.Generator | None = None) -> dict:
     """The continuous-time bound (``continuous.continuous_bound``, VDM eq. 17) of ``model`` on the
     (already rescaled) examples ``x``, in the data's units as ``BoundReport``: ``nll_nats`` with its
@@ -236,7 +236,8 @@ def continuous_report(model: ReverseProcess, x: torch.Tensor, *, log_jacobian: f
     start = time.perf_counter()
     if chunk_size is None:
         chunk_size = chunk_for_budget(model, x, memory_budget)
-    b = continuous_bound(model, x, num_u=num_u, chunk_size=chunk_size, generator=generator)
+    b = continuous_bound(model, x, num_u=num_u, chunk_size=chunk_size, generator=generator,
+                         log_snr=log_snr)
     total = b.total.double() - log_jacobian
     n, dim = total.shape[0], x[0].numel()
     nll = total.mean().item()
@@ -254,17 +255,18 @@ LIKELIHOODS = ("bound", "continuous", "ode")
 def other_likelihoods(model: ReverseProcess, x: torch.Tensor, likelihoods, *,
                       log_jacobian: float = 0.0, continuous_samples: int = 16,
                       ode_options: dict | None = None, memory_budget: int | None = None,
-                      generator: torch.Generator | None = None) -> dict:
+                      log_snr=None, generator: torch.Generator | None = None) -> dict:
     """The estimators beside the discrete bound that ``likelihoods`` names, each its own report
     keyed by name: ``continuous`` (``continuous_report``) and ``ode`` (``ode.ode_report``, with
-    ``ode_options``), on the same rescaled examples ``x``."""
+    ``ode_options``), on the same rescaled examples ``x``. ``log_snr``: the learned schedule of a
+    run that learned one (``Run.log_snr``), which both follow in continuous time."""
     unknown = [name for name in likelihoods if name not in LIKELIHOODS]
     if unknown:
         raise ValueError(f"unknown likelihood {unknown[0]!r}; valid: {', '.join(LIKELIHOODS)}")
     out = {}
     if "continuous" in likelihoods:
         out["continuous"] = continuous_report(model, x, log_jacobian=log_jacobian,
-                                              num_u=continuous_samples,
+                                              num_u=continuous_samples, log_snr=log_snr,
                                               memory_budget=memory_budget, generator=generator)
     if "ode" in likelihoods:
         from .ode import ode_report

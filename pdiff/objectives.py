@@ -12,6 +12,28 @@ and returns a per-example loss (average it over the batch to train):
   lambda = 0.001 (Nichol & Dhariwal sec. 3.1: the bound term in bits per dimension, so it trains
   only the variance).
 - ``trajectory``: the Monte Carlo bound over one forward trajectory (``elbo.trajectory_bound``).
+- ``continuous``: the continuous-time bound of Variational Diffusion Models (``continuous_loss``,
+  the network trained at real times u; option ``log_snr``, a ``continuous.LearnedLogSNR``).
+
+The weighted losses of Kingma & Gao (2023), each a per-step weight c_t on the eps error (see
+``weighting``, which derives every c_t and its implied weighting w(lambda)), with t from ``sampler``
+(uniform: t ~ U{1..T}; the importance sampler's weights 1 / (T p_t) keep every loss unbiased):
+
+- ``elbo``: L_T + T 1/2 Delta_t ||eps - eps_hat||^2 summed over dimensions (w(lambda) = 1;
+  Delta_t = SNR_{t-1} / SNR_t - 1), with T L_0 (the decoder's -log p_theta(x_0 | x_1), as in
+  ``vlb``) at t = 1: nats per example. It is the bound estimator exactly for ``fixed_small``; for
+  other variances its terms t >= 2 are those of the same mean with sigma_t^2 = beta_tilde_t.
+- ``snr``: the x_0-MSE, c_t = 1 / SNR_t (mean over dimensions, as ``simple``).
+- ``min_snr``: Min-SNR-gamma, c_t = min(SNR_t, gamma) / SNR_t; option ``gamma`` = 5.
+- ``p2``: P2 weighting, c_t = (k + SNR_t)^-gamma; options ``k`` = 1, ``gamma`` = 1.
+- ``edm``: EDM's log-normal noise levels and loss weight as a weight over uniform t; options
+  ``p_mean`` = -1.2, ``p_std`` = 1.2, ``sigma_data`` = 0.5.
+
+They take the error of the network's implied eps (``ReverseOutput.eps``), so they train every
+prediction (eps, x0, v, mean) as the same function of eps_hat. ``snr``, ``min_snr``, ``p2`` and
+``edm`` do not train a learned variance (as ``simple``); under ``elbo`` only the t = 1 decoder term
+reaches it. An unknown option raises ``ValueError`` naming the valid ones (the four original
+objectives ignore options they do not take).
 """
 from __future__ import annotations
 
@@ -22,17 +44,23 @@ from typing import Callable
 import torch
 
 from .distributions.reverse import ReverseProcess
+from .continuous import ContinuousDenoiser, LearnedLogSNR, alpha_sigma
 from .elbo import _step_term, prior_term, sample_xt, trajectory_bound
 from .parameterization import posterior_mean, v_from_x0_eps
+from .weighting import step_weights_like
 
-OBJECTIVES = ("simple", "vlb", "hybrid", "trajectory")
+OBJECTIVES = ("simple", "vlb", "hybrid", "trajectory", "elbo", "snr", "min_snr", "p2", "edm",
+              "continuous")
+# the objectives that give a learned variance no gradient (a separate variance network is unused)
+MEAN_ONLY_OBJECTIVES = ("simple", "snr", "min_snr", "p2", "edm")
 SAMPLERS = ("uniform", "importance")
 
 
 @dataclass
 class LossOutput:
-    """``loss``: per-example loss (N,); ``t`` and ``term``: the sampled steps and their bound terms
-    (nats), for the importance sampler (``None`` where the objective samples no single t)."""
+    """``loss``: per-example loss (N,); ``t`` and ``term``: the sampled steps and what the importance
+    sampler tracks there, the bound terms (nats) or, for the weighted eps losses, the per-step loss
+    c_t ||eps - eps_hat||^2 (``None`` where the objective samples no single t)."""
 
     loss: torch.Tensor
     t: torch.Tensor | None = None
@@ -200,8 +228,104 @@ def trajectory_loss(model: ReverseProcess, x0, *, sampler=None, generator=None, 
     return LossOutput(trajectory_bound(model, x0, generator=generator))
 
 
+def _eps_error(model: ReverseProcess, x0, *, sampler, generator, reduce):
+    """t from ``sampler`` with its weights, x_t ~ q(x_t | x_0), the network's output there and
+    ``reduce`` over dimensions of (eps - eps_hat)^2, eps_hat the network's implied eps."""
+    t, w = sampler.sample(x0.shape[0], x0.device, generator)
+    xt, eps = sample_xt(model, x0, t, generator)
+    out = model._output(xt, t)
+    sq = ((eps - out.eps) ** 2).flatten(x0.dim() - model.event_dims)
+    return t, w, xt, out, (sq.mean(-1) if reduce == "mean" else sq.sum(-1))
+
+
+def _weighted_loss(name: str, model: ReverseProcess, x0, sampler, generator, options) -> LossOutput:
+    """c_t mean_i (eps_i - eps_hat_i)^2 with c from ``weighting.step_weights(name)``, times the
+    sampler's weight."""
+    c = step_weights_like(name, model.schedule, x0, **options)
+    t, w, _, _, err = _eps_error(model, x0, sampler=sampler, generator=generator, reduce="mean")
+    term = c.index_select(0, t.reshape(-1) - 1).reshape(t.shape) * err
+    return LossOutput(w * term, t, term.detach())
+
+
+def elbo_loss(model: ReverseProcess, x0, *, sampler, generator=None, **options) -> LossOutput:
+    """L_T + T w_t term_t (nats; Kingma & Gao's w = 1): term_t = 1/2 Delta_t ||eps - eps_hat||^2
+    summed over dimensions for t >= 2 (L_{t-1} under fixed_small) and L_0 = -log p_theta(x_0 | x_1)
+    at t = 1."""
+    half_delta = step_weights_like("elbo", model.schedule, x0, **options) / model.num_timesteps
+    t, w, xt, out, err = _eps_error(model, x0, sampler=sampler, generator=generator, reduce="sum")
+    diffusion = half_delta.index_select(0, t.reshape(-1) - 1).reshape(t.shape) * err  # 0 at t = 1
+    term = torch.where(t == 1, _step_term(model, x0, xt, t, out), diffusion)
+    return LossOutput(prior_term(model, x0) + model.num_timesteps * w * term, t, term.detach())
+
+
+def snr_loss(model: ReverseProcess, x0, *, sampler, generator=None, **options) -> LossOutput:
+    """The x_0-MSE ||x_0 - x0_hat||^2 = ||eps - eps_hat||^2 / SNR_t, averaged over dimensions."""
+    return _weighted_loss("snr", model, x0, sampler, generator, options)
+
+
+def min_snr_loss(model: ReverseProcess, x0, *, sampler, generator=None, **options) -> LossOutput:
+    """min(SNR_t, gamma) / SNR_t ||eps - eps_hat||^2 (Hang et al. 2023), gamma = 5 by default."""
+    return _weighted_loss("min_snr", model, x0, sampler, generator, options)
+
+
+def p2_loss(model: ReverseProcess, x0, *, sampler, generator=None, **options) -> LossOutput:
+    """(k + SNR_t)^-gamma ||eps - eps_hat||^2 (Choi et al. 2022), k = gamma = 1 by default."""
+    return _weighted_loss("p2", model, x0, sampler, generator, options)
+
+
+def edm_loss(model: ReverseProcess, x0, *, sampler, generator=None, **options) -> LossOutput:
+    """EDM's loss (Karras et al. 2022) as c_t ||eps - eps_hat||^2 over uniform t (see
+    ``weighting``): ln sigma ~ N(-1.2, 1.2^2), weight (sigma^2 + 0.5^2) / (0.5 sigma)^2 on x_0."""
+    return _weighted_loss("edm", model, x0, sampler, generator, options)
+
+
+def continuous_loss(model: ReverseProcess, x0: torch.Tensor, *, sampler=None,
+                    generator: torch.Generator | None = None,
+                    log_snr: DiscreteLogSNR | LearnedLogSNR | None = None, **_):
+    """The continuous-time bound (VDM eq. 17) as a training objective, nats per example: L_T + L_0
+    (the decoder at u_1 = 1/T, one draw of x_1) + the diffusion integral from one u per example,
+    the batch's u spread evenly over (u_1, 1) from one uniform offset (VDM's low-discrepancy
+    sampler, sec. 3.3). The network is trained at real steps s = u T.
+
+    With a ``LearnedLogSNR``, gradient hooks turn the schedule's gradient into that of the mean
+    squared loss (VDM sec. 5.2: the schedule minimizes the estimator's variance, not its mean),
+    while the network gets the gradient of the loss itself. Returns ``objectives.LossOutput``."""
+    from .objectives import LossOutput
+
+    N, d, dev = x0.shape[0], model.event_dims, x0.device
+    T = model.num_timesteps
+    u_first = 1.0 / T
+    den = ContinuousDenoiser(model, log_snr)
+    offset = torch.rand((), generator=generator, device=generator.device if generator else None)
+    grid = ((offset.to(dev, torch.float64) + torch.arange(N, device=dev, dtype=torch.float64) / N)
+            % 1.0)
+    u = u_first + (1 - u_first) * grid
+    learned = isinstance(den.log_snr, LearnedLogSNR)
+    lam = den.log_snr(u)
+    dlam = (den.log_snr.derivative(u, create_graph=True) if learned
+            else den.log_snr.derivative(u))
+    a, s = (v.to(x0.dtype).reshape((N,) + (1,) * d) for v in alpha_sigma(lam))
+    eps = torch.randn(x0.shape, dtype=x0.dtype, device=dev, generator=generator)
+    xu = a * x0 + s * eps
+    eps_hat = den.eps(xu, u, a, s)
+    err = ((eps - eps_hat) ** 2).flatten(x0.dim() - d).sum(-1)
+    diffusion = 0.5 * (1 - u_first) * (-dlam).to(x0.dtype) * err
+    t1 = torch.ones(N, dtype=torch.long, device=dev)
+    x1 = (model.schedule.at("sqrt_alpha_bar", t1, x0, d) * x0
+          + model.schedule.at("sqrt_one_minus_alpha_bar", t1, x0, d)
+          * torch.randn(x0.shape, dtype=x0.dtype, device=dev, generator=generator))
+    loss = prior_term(model, x0) + _step_term(model, x0, x1, t1, model._output(x1, t1)) + diffusion
+    if learned and torch.is_grad_enabled():
+        scale = 2 * loss.detach().to(torch.float64)  # d E[L^2] = E[2 L dL]
+        lam.register_hook(lambda g: g * scale)
+        dlam.register_hook(lambda g: g * scale)
+    return LossOutput(loss)
+
+
 LOSSES: dict[str, Callable[..., LossOutput]] = {
     "simple": simple_loss, "vlb": vlb_loss, "hybrid": hybrid_loss, "trajectory": trajectory_loss,
+    "elbo": elbo_loss, "snr": snr_loss, "min_snr": min_snr_loss, "p2": p2_loss, "edm": edm_loss,
+    "continuous": continuous_loss,
 }
 
 

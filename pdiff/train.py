@@ -29,17 +29,18 @@ import torch
 
 from . import distributed
 from .data import IMAGE_DATASETS, RESCALINGS, TOY_DATASETS, Rescaling
+from .continuous import DiscreteLogSNR, LearnedLogSNR, discretize
 from .checkpoint import RESUME_KEYS, read_checkpoint, save_checkpoint, size_mismatch
 from .files import atomic_write_text
 from .distributions.reverse import DECODER_VARIANCES, LEARNED_VARIANCES, VARIANCES, ReverseProcess
 from .markov import model as markov_model, posterior_guide
 from .nets import EMBEDDINGS, LabelledNet, MeanVarianceNets, MLPDenoiser, UNet, unet_for
-from .objectives import OBJECTIVES, SAMPLERS, get_objective, make_sampler
+from .objectives import MEAN_ONLY_OBJECTIVES, OBJECTIVES, SAMPLERS, get_objective, make_sampler
 from .parameterization import PREDICTIONS
 from .resources import require_memory
 from .run_data import is_image_data, load_run_data
 from .rundir import RunDirectory
-from .schedules import SCHEDULES, make_schedule
+from .schedules import SCHEDULES, NoiseSchedule, make_schedule
 
 ENGINES = ("torch", "pyro")
 PRECISIONS = ("fp32", "bf16")  # bf16: the network's forward under torch.autocast, the rest fp32
@@ -113,6 +114,7 @@ class TrainConfig:
     data_on: str = "device"
     class_cond: bool = False
     label_dropout: float = 0.1
+    learned_schedule: bool = False
 
     CHOICES = {"data": tuple(sorted(TOY_DATASETS)) + IMAGE_DATASETS, "variance": VARIANCES, "prediction": PREDICTIONS,
                "schedule": SCHEDULES, "decoder_variance": DECODER_VARIANCES, "rescale": RESCALINGS,
@@ -132,6 +134,24 @@ class TrainConfig:
         if self.engine == "pyro" and self.objective not in ("vlb", "trajectory"):
             raise ValueError("the pyro engine trains the bound objectives through Pyro's ELBOs; "
                              f"--objective must be vlb or trajectory with it, got {self.objective!r}")
+        if self.objective == "continuous":
+            if self.prediction == "mean":
+                raise ValueError("the continuous objective trains the network at real times u, "
+                                 "where a posterior mean has no step: --prediction must be eps, "
+                                 "x0 or v")
+            if self.embedding != "sinusoidal":
+                raise ValueError("the continuous objective feeds the network real steps u T: "
+                                 f"--embedding must be sinusoidal, got {self.embedding!r}")
+            if self.variance not in ("fixed_small", "fixed_large"):
+                raise ValueError("the continuous objective trains the mean (its bound has the "
+                                 "posterior's variance): --variance must be fixed_small or "
+                                 f"fixed_large, got {self.variance!r}")
+            if self.sampler != "uniform":
+                raise ValueError("the continuous objective draws its own times u (evenly spread "
+                                 f"over the batch): --sampler must be uniform, got {self.sampler!r}")
+        if self.learned_schedule and self.objective != "continuous":
+            raise ValueError("--learned-schedule learns the continuous-time schedule: it needs "
+                             f"--objective continuous, got {self.objective!r}")
         image = is_image_data(self.data)
         if image and self.net in ("mlp", "mean_variance"):
             raise ValueError(f"{self.data} is image data: --net must be unet or auto, got {self.net!r}")
@@ -325,6 +345,7 @@ class Run:
     rescaling: Rescaling
     step: int
     event_shape: tuple[int, ...] | None = None  # default: the rescaling's shape, (D,) for toys
+    log_snr: LearnedLogSNR | None = None  # a learned schedule (the model's is its T steps)
 
     def __post_init__(self):
         if self.event_shape is None:
@@ -363,7 +384,22 @@ def load_run(out: str | Path, *, ema: bool = True, device: str | torch.device = 
     net.to(device, torch.float32).eval()
     resc = Rescaling(state["rescale_shift"], state["rescale_scale"])
     model = build_model(cfg, net, state.get("num_levels"))
-    return Run(cfg, model, resc, state["step"], event_shape)
+    log_snr = None
+    if cfg.learned_schedule:
+        if "schedule" not in state:
+            raise ValueError(f"checkpoint {path} of a run with a learned schedule lacks the "
+                             "schedule's weights ('schedule')")
+        log_snr = LearnedLogSNR(DiscreteLogSNR(model.schedule))
+        log_snr.load_state_dict(state["schedule"])
+        model = model.replace(schedule=learned_schedule_steps(log_snr, cfg.timesteps))
+        log_snr.to(device)
+    return Run(cfg, model, resc, state["step"], event_shape, log_snr=log_snr)
+
+
+def learned_schedule_steps(log_snr: "LearnedLogSNR", num_timesteps: int) -> NoiseSchedule:
+    """The T-step chain of a learned schedule, on the grid u_t = t / T its network was trained on."""
+    with torch.no_grad():
+        return discretize(log_snr, num_timesteps, 1.0 / num_timesteps)
 
 
 class Trainer:
@@ -422,8 +458,15 @@ class Trainer:
             torch.manual_seed(distributed.rank_seed(cfg.seed))
         self.model = build_model(cfg, self._training_net(), self.num_levels)
         self.loss_fn = get_objective(cfg.objective)
+        self.loss_options: dict = {}
         self.sampler = make_sampler(cfg.sampler, cfg.timesteps)
-        self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        groups = [{"params": list(self.net.parameters())}]
+        self.log_snr = None
+        if cfg.learned_schedule:  # float64, no weight decay, no EMA (VDM sec. 5.2)
+            self.log_snr = LearnedLogSNR(DiscreteLogSNR(self.model.schedule)).to(self.device)
+            self.loss_options["log_snr"] = self.log_snr
+            groups.append({"params": list(self.log_snr.parameters()), "weight_decay": 0.0})
+        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.gen = torch.Generator(device=self.device).manual_seed(distributed.rank_seed(cfg.seed))
         # the batch indices are drawn where the data is: host data takes a host stream of its own
         self.index_gen = self.gen
@@ -456,8 +499,9 @@ class Trainer:
         """The plain module, wrapped for data parallelism, compilation and precision as asked."""
         net: torch.nn.Module = self.net
         if self.world_size > 1:
-            # separate mean and variance MLPs under L_simple: the variance MLP gets no gradient
-            unused = self.cfg.objective == "simple" and self.cfg.net == "mean_variance"
+            # separate mean and variance MLPs under L_simple & co.: the variance MLP gets no gradient
+            unused = (self.cfg.objective in MEAN_ONLY_OBJECTIVES
+                      and self.cfg.net == "mean_variance")
             net = torch.nn.parallel.DistributedDataParallel(
                 net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=unused)
@@ -494,7 +538,8 @@ class Trainer:
                 "sampler": self.sampler.state_dict(), "config": asdict(self.cfg),
                 "event_shape": list(self.event_shape), "num_levels": self.num_levels,
                 "num_classes": self.num_classes,
-                "rescale_shift": self.rescaling.shift, "rescale_scale": self.rescaling.scale}
+                "rescale_shift": self.rescaling.shift, "rescale_scale": self.rescaling.scale,
+                **({"schedule": self.log_snr.state_dict()} if self.log_snr is not None else {})}
 
     def _read_resume_state(self) -> dict:
         """Rank 0: check config.json and the checkpoint against this run's options and return the
@@ -527,6 +572,8 @@ class Trainer:
             self.net.load_state_dict(state["net"])
             self.ema.load_state_dict(state["ema"])
             self.opt.load_state_dict(state["opt"])
+            if self.log_snr is not None:
+                self.log_snr.load_state_dict(state["schedule"])
             self.sampler.load_state_dict(state["sampler"])
             self.step = self.saved_step = state["step"]
             # one state per rank; older checkpoints hold one process's
@@ -613,7 +660,8 @@ class Trainer:
                                   if self.cfg.objective == "vlb"
                                   else (Trace_ELBO(), chain_model, chain_guide))
             return elbo.differentiable_loss(model, guide, self.model, x0) / x0.shape[0]
-        out = self.loss_fn(self.model, x0, sampler=self.sampler, generator=self.gen)
+        out = self.loss_fn(self.model, x0, sampler=self.sampler, generator=self.gen,
+                           **self.loss_options)
         if out.term is not None and self.cfg.sampler != "uniform":  # uniform keeps no statistics
             self.sampler.update(*gather_steps(out.t, out.term))
         return out.loss.mean()

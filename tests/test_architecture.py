@@ -15,7 +15,12 @@ LAYERS = {
     "parameterization": {"schedules"},
     "distributions": {"schedules", "parameterization", "distributions"},
     "elbo": {"schedules", "parameterization", "distributions"},
-    "objectives": {"schedules", "parameterization", "distributions", "elbo"},
+    "objectives": {"schedules", "parameterization", "distributions", "elbo", "weighting",
+                   "continuous"},
+    # continuous time: the schedule at real u, the denoiser there, the VDM bound
+    "continuous": {"schedules", "parameterization", "distributions", "elbo", "nets"},
+    "ode": {"schedules", "parameterization", "distributions", "elbo", "continuous", "nets"},
+    "weighting": {"schedules", "files"},  # pure functions of the schedule (and one figure)
     "sampling": {"schedules", "parameterization", "distributions"},
     "oracle": {"schedules", "data"},
     "markov": {"schedules", "parameterization", "distributions", "elbo"},
@@ -23,14 +28,15 @@ LAYERS = {
     "data": {"data", "files"},
     "files": set(),  # atomic writes: the standard library (and torch.save)
     "evaluation": {"schedules", "parameterization", "distributions", "elbo", "distributed",
-                   "resources"},
+                   "resources", "continuous", "ode"},
     "resources": set(),  # what the machine has (memory): the standard library
     "checkpoint": {"files"},
     "rundir": {"files"},
     "workers": {"runtime"},
     "metrics": set(),
     "distributed": set(),  # torch.distributed helpers: torch only
-    "figures": {"schedules", "parameterization", "distributions", "sampling", "files"},
+    "figures": {"schedules", "parameterization", "distributions", "sampling", "files",
+                "continuous"},
 }
 
 

@@ -423,7 +423,9 @@ def test_worker_processes_give_the_numbers_of_one_process(compared, tmp_path):
     for mine, theirs in zip(records, doc["runs"], strict=True):
         assert mine["name"] == theirs["name"]
         assert mine["final_loss"] == theirs["final_loss"]
-        assert mine["eval"] == theirs["eval"]
+        timing = ("wall_seconds",)  # the estimator's wall time is no number of the model
+        assert ({k: v for k, v in mine["eval"].items() if k not in timing}
+                == {k: v for k, v in theirs["eval"].items() if k not in timing})
         torch.testing.assert_close(torch.load(tmp_path / "runs" / mine["name"] / C.SAMPLES_FILE),
                                    torch.load(out / "runs" / mine["name"] / C.SAMPLES_FILE),
                                    rtol=0, atol=0)

@@ -149,7 +149,7 @@ def test_the_continuous_bound_of_a_mixture_oracle_bounds_its_entropy():
 
 
 def test_the_continuous_loss_is_an_unbiased_bound_estimate():
-    from pdiff.continuous import continuous_loss
+    from pdiff.objectives import continuous_loss
 
     s = make_schedule("linear", 100)
     model = oracle(s)
@@ -165,7 +165,8 @@ def test_the_continuous_loss_is_an_unbiased_bound_estimate():
 def test_a_learned_schedule_keeps_its_ends_and_the_bound_and_lowers_the_variance():
     """VDM eq. 19: with fixed ends the diffusion integral does not depend on the schedule, only
     its estimator's variance does; training the schedule on the squared loss lowers it."""
-    from pdiff.continuous import LearnedLogSNR, continuous_loss
+    from pdiff.continuous import LearnedLogSNR
+    from pdiff.objectives import continuous_loss
 
     s = make_schedule("linear", 100)
     base = DiscreteLogSNR(s)

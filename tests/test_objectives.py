@@ -138,8 +138,9 @@ def test_objective_names():
     assert SAMPLERS == ("uniform", "importance")
     assert type(make_sampler("uniform", T)) is UniformSampler
     assert type(make_sampler("importance", T)) is ImportanceSampler
-    with pytest.raises(ValueError, match="valid: simple, vlb, hybrid, trajectory"):
-        get_objective("elbo")
+    with pytest.raises(ValueError, match="valid: simple, vlb, hybrid, trajectory, elbo, snr, "
+                                         "min_snr, p2, edm, continuous"):
+        get_objective("loss-aware")
     with pytest.raises(ValueError, match="valid: uniform, importance"):
         make_sampler("loss-aware", T)
 
@@ -149,7 +150,8 @@ def test_losses_are_per_example():
     for name in OBJECTIVES:
         out = get_objective(name)(p, x0, sampler=UniformSampler(T), generator=gen(5))
         assert out.loss.shape == (9,), name
-        assert (out.t is None) == (name == "trajectory")
+        # the trajectory and the continuous-time bound draw no single discrete step t
+        assert (out.t is None) == (name in ("trajectory", "continuous"))
 
 
 # -- the importance sampler -------------------------------------------------------------------
