@@ -13,4 +13,9 @@ EXPERIMENTS = {
     "digits_objectives": "8x8 digits in bits/dim: L_simple, L_hybrid, L_vlb x fixed and learned "
                          "variances x linear and cosine schedules, and mu~ against eps prediction "
                          "under the true bound (Ho et al. Table 2, Nichol & Dhariwal)",
+    "likelihoods_mixture1d": "1D mixture: the weighted-loss family and the continuous bound as "
+                             "objectives; discrete bound, continuous bound and ODE NLL per run",
+    "likelihoods_8gaussians": "8 Gaussians: the same objectives and three likelihood estimators",
+    "likelihoods_digits": "8x8 digits in bits/dim: the same objectives and three likelihood "
+                          "estimators (the ODE on dequantized digits)",
 }
