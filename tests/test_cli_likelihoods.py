@@ -81,3 +81,25 @@ def test_a_network_with_a_table_of_steps_has_no_continuous_time(tmp_path, capsys
     code, _, err = run(["evaluate", "--checkpoint", str(out), "--samples", "20",
                         "--likelihood", "continuous", "--no-progress"], capsys)
     assert code == 2 and "sinusoidal" in err
+
+
+def test_compare_puts_the_estimators_side_by_side(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--data", "mixture1d", "--objectives", "elbo,continuous", "--variances",
+            "fixed_small", "--seeds", "1", "--iterations", "20", "--timesteps", "20",
+            "--eval-samples", "50", "--metric-samples", "0", "--no-figures", "--jobs", "1",
+            "--out", str(out)]
+    assert main(argv) == 0
+    doc = strict((out / "results.json").read_text())
+    assert all("continuous" not in r["eval"] for r in doc["runs"])
+    capsys.readouterr()
+    # resumed with more estimators: the runs are not retrained, and evaluated again
+    assert main(argv + ["--resume", "--likelihood", "continuous,ode"]) == 0
+    table = capsys.readouterr().out
+    assert "continuous bound (nats)" in table and "ODE NLL (nats)" in table
+    doc = strict((out / "results.json").read_text())
+    for r in doc["runs"]:
+        assert r["eval"]["continuous"]["num_samples"] == 50 and r["eval"]["ode"]["num_samples"] == 50
+        assert r.get("trained_steps") == 0  # resumed at its last checkpoint
+    row = doc["summary"][0]
+    assert row["ode_nll_nats"] == pytest.approx(doc["runs"][0]["eval"]["ode"]["nll_nats"])
