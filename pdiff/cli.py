@@ -15,6 +15,7 @@ import torch
 
 from .data import (RESCALINGS, TOY_DATASETS, GaussianMixture, check_data, entropy_mc, fit_rescaling,
                    get_toy, has_exact_density)
+from .data.arrays import load_array, load_betas
 from .data.toy import toy_split
 from .distributions import DECODER_VARIANCES, FIXED_VARIANCES, VARIANCES
 from .objectives import OBJECTIVES
@@ -139,31 +140,19 @@ def _positive_float(text: str) -> float:
 
 
 def _load_array(path: str) -> torch.Tensor:
-    """An array from a .npy file or a whitespace/comma-separated text file, one example a row."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"file {path!r} does not exist")
+    """``data.arrays.load_array``, its refusal a ``UserError``."""
     try:
-        if p.suffix == ".npy":
-            arr = np.load(p, allow_pickle=False)
-        else:
-            arr = np.loadtxt(p, delimiter="," if p.suffix == ".csv" else None, ndmin=2)
-    except (ValueError, OSError) as e:
-        raise UserError(f"could not read {path!r} (.npy or numeric text expected): {e}") from None
-    if arr.ndim == 1:
-        arr = arr[:, None]
-    if not np.issubdtype(arr.dtype, np.number):
-        raise UserError(f"{path!r} holds {arr.dtype} values, expected numbers")
-    return torch.as_tensor(arr, dtype=torch.float64)
+        return load_array(path)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def _load_betas(path: str) -> torch.Tensor:
-    """beta_1..beta_T from a file: one row or one column (a 1-D .npy array is one column)."""
-    b = _load_array(path)
-    if b.dim() != 2 or 1 not in b.shape:
-        raise UserError(f"--betas {path!r}: expected beta_1..beta_T as one row or one column, got "
-                        f"shape {tuple(b.shape)}")
-    return b.flatten()
+    """``data.arrays.load_betas``, its refusal a ``UserError``."""
+    try:
+        return load_betas(path)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 # evaluate's options of the oracle denoiser and their defaults: None on the command line means not
@@ -374,7 +363,8 @@ def _stderr(se: float | None) -> str:
 def _summary(r: dict, cfg: dict) -> str:
     what = ("oracle denoiser" if cfg["denoiser"] == "oracle"
             else f"run {cfg['checkpoint']} ({cfg['objective']}, step {cfg['step']})")
-    lines = [f"{cfg['data']}: {what}, {cfg['schedule']} schedule, T = "
+    schedule = f"--betas {cfg['betas']}" if cfg.get("betas") else f"{cfg['schedule']} schedule"
+    lines = [f"{cfg['data']}: {what}, {schedule}, T = "
              f"{cfg['timesteps']}, variance {cfg['variance']}, decoder variance "
              f"{cfg['decoder_variance']}, rescale {cfg['rescale']}, {r['num_samples']} test points",
              f"  bound on -log p(x):  {_f(r['nll_nats'])} +- {_stderr(r['nll_stderr'])} nats "
@@ -523,6 +513,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --sampler ddim: sigma_t = eta sqrt(beta_tilde_t), a finite number "
                     ">= 0 (default 0: deterministic given x_T; 1: the fixed_small ancestral step's "
                     "variance)")
+    sa.add_argument("--clip-denoised", action="store_true",
+                    help="image runs: clip each predicted x_0 to [-1, 1] (Improved DDPM's sampler)")
+    sa.add_argument("--sampling-variance", choices=FIXED_VARIANCES, default=None,
+                    help="sample with sigma_t^2 = beta_tilde_t (fixed_small) or beta_t "
+                         "(fixed_large) whatever the run learned (default: the run's own)")
+    sa.add_argument("--sampling-schedule", choices=SCHEDULES, default=None, metavar="NAME",
+                    help="sample on this schedule's chain of --sampling-timesteps (or T) steps, "
+                         "each step fed to the network as its training step of nearest log-SNR "
+                         f"({', '.join(SCHEDULES)})")
+    sa.add_argument("--noiseless-last-step", action="store_true",
+                    help="ancestral sampling: x_0 is the decoder's mean rather than a draw "
+                         "(as Ho et al. display samples)")
     sa.add_argument("--figure", metavar="PNG", help="also draw the samples against held-out data")
     sa.add_argument("--data-dir", metavar="DIR", help="image runs: where the dataset's files are "
                     "(default: the run's own --data-dir)")
@@ -630,9 +632,9 @@ def _add_config_args(parser: argparse.ArgumentParser, exclude=(), defaults=None)
             kw = {"default": None, "action": "store_true", "help": "(default: off)"}
         elif f.name in choices:
             kw["choices"] = choices[f.name]
-        elif f.name == "image_size" or isinstance(f.default, int):
+        elif "int" in str(f.type) or isinstance(f.default, int):
             kw["type"] = int
-        elif isinstance(f.default, float):
+        elif "float" in str(f.type) or isinstance(f.default, float):
             kw["type"] = float
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kw)
 
@@ -643,6 +645,8 @@ def _config_from_args(args, exclude=(), toy_defaults=None) -> TrainConfig:
              if f.name not in exclude and getattr(args, f.name) is not None}
     data = given.pop("data", TrainConfig.data)
     defaults = {} if is_image_data(data) else (toy_defaults or {})
+    if given.get("betas") and "timesteps" not in given:  # T is the file's length
+        defaults = defaults | {"timesteps": len(_load_betas(given["betas"]))}
     return TrainConfig.for_data(data, **(defaults | given))
 
 
@@ -702,7 +706,10 @@ def _write_image_samples(run, x: torch.Tensor, out: Path, figure: Path | None, a
                 _write_array_atomic(x.float().numpy(), path)
     print(json.dumps({"out": str(out), "num": args.num, "shape": list(x.shape[1:]),
                       "sampling_timesteps": args.sampling_timesteps or run.config.timesteps,
-                      "sampler": args.sampler, "eta": args.eta, "num_levels": levels} | ({"figure": str(figure)} if figure else {})))
+                      "sampler": args.sampler, "eta": args.eta,
+                 "clip_denoised": args.clip_denoised, "sampling_variance": args.sampling_variance,
+                 "sampling_schedule": args.sampling_schedule,
+                 "noiseless_last_step": args.noiseless_last_step, "num_levels": levels} | ({"figure": str(figure)} if figure else {})))
     return 0
 
 
@@ -807,13 +814,22 @@ def cmd_sample(args) -> int:
     _check_new_file(out, args.force, "output file")
     if figure is not None:
         _check_new_file(figure, args.force, "figure")
+    if args.clip_denoised and not image:
+        raise UserError(f"--clip-denoised clips x_0 to the image range [-1, 1]; {run.config.data} "
+                        "is vector data")
+    if args.noiseless_last_step and args.sampler != "ddpm":
+        raise UserError("--noiseless-last-step applies to --sampler ddpm (DDIM's last step draws "
+                        "no noise)")
     labels = _sample_labels(run, args)
     numel = math.prod(run.event_shape)
     # the chunks drawn in float32, joined, in float64 and rescaled, and the copy that is written
     require_memory(args.num * numel * 32, f"{args.num} samples of {numel} values",
                    hint="lower --num (several files with different --seed add up to more)")
     x = draw_samples(run, args.num, seed=args.seed, sampling_timesteps=args.sampling_timesteps,
-                     labels=labels, guidance=args.guidance, sampler=args.sampler, eta=args.eta)
+                     labels=labels, guidance=args.guidance, sampler=args.sampler, eta=args.eta,
+                     clip_denoised=args.clip_denoised, sampling_variance=args.sampling_variance,
+                     sampling_schedule=args.sampling_schedule,
+                     noiseless_last_step=args.noiseless_last_step)
     bad = int((~torch.isfinite(x.flatten(1))).any(1).sum())
     if bad:  # the checkpoint's weights are finite (load_run checks): the chain overflowed
         raise RunFailed(f"{bad} of {args.num} samples are not finite (NaN or infinite): the "
@@ -838,6 +854,9 @@ def cmd_sample(args) -> int:
     print(_json({"out": str(out), "num": args.num, "dim": x.shape[1],
                  "sampling_timesteps": args.sampling_timesteps or run.config.timesteps,
                  "sampler": args.sampler, "eta": args.eta,
+                 "clip_denoised": args.clip_denoised, "sampling_variance": args.sampling_variance,
+                 "sampling_schedule": args.sampling_schedule,
+                 "noiseless_last_step": args.noiseless_last_step,
                  "mean": x.mean(0).tolist(), "std": x.std(0).tolist() if args.num > 1 else None}
                 | ({"figure": str(figure)} if figure else {})))
     return 0
@@ -852,10 +871,16 @@ def _grid_value(kind: type, text: str):
     return kind(text)
 
 
+def _field_type(f) -> type:
+    """The type of a ``TrainConfig`` field's values (from its annotation where its default is None)."""
+    if f.default is not None:
+        return type(f.default)
+    return next((t for t in (bool, int, float) if t.__name__ in str(f.type)), str)
+
+
 def _grid_axes(items: list[str]) -> dict[str, tuple]:
     """``["schedule=linear,cosine", "lr=1e-3,2e-3"]`` -> axes, each value of its field's type."""
-    types = {f.name: type(f.default) if f.default is not None else int if f.name == "image_size" else str
-             for f in fields(TrainConfig)}
+    types = {f.name: _field_type(f) for f in fields(TrainConfig)}
     axes: dict[str, tuple] = {}
     for item in items:
         name, sep, values = item.partition("=")

@@ -70,7 +70,9 @@ def _writing(path: Path):
 def draw_samples(run: Run, num: int, *, seed: int = 0, sampling_timesteps: int | None = None,
                  chunk: int = 10_000, labels: torch.Tensor | None = None,
                  guidance: float = 0.0, sampler: str = "ddpm",
-                 eta: float | None = None) -> torch.Tensor:
+                 eta: float | None = None, clip_denoised: bool = False,
+                 sampling_variance: str | None = None, sampling_schedule: str | None = None,
+                 noiseless_last_step: bool = False) -> torch.Tensor:
     """``num`` samples of a run's model, in the data's own units (rescaling undone), float64 on the
     CPU: ancestral (``sampler="ddpm"``) or DDIM with ``eta`` (``"ddim"``, eta 0 unless given;
     ``sampling.ddim_sample``). ``sampling_timesteps`` respaces the chain (evenly spaced steps, T
@@ -80,7 +82,14 @@ def draw_samples(run: Run, num: int, *, seed: int = 0, sampling_timesteps: int |
 
     A class-conditional run samples p(x) (the null label) unless ``labels`` (``num`` of them, or
     one for all) are given; ``guidance`` w >= 0 is the classifier-free guidance scale
-    (``nets.GuidedNet``; 0: the conditional model as trained)."""
+    (``nets.GuidedNet``; 0: the conditional model as trained).
+
+    ``clip_denoised``: x_0 predictions clipped to [-1, 1] (images); ``sampling_variance``:
+    sigma_t^2 fixed to ``fixed_small`` or ``fixed_large`` whatever the run learned
+    (``ReverseProcess.with_variance``); ``sampling_schedule``: the chain of that named schedule with
+    ``sampling_timesteps`` (or T) steps, each fed to the network as its training step of nearest
+    log-SNR (``ReverseProcess.with_schedule``), in place of the respaced one;
+    ``noiseless_last_step``: x_0 is the decoder's mean, not a draw (ancestral sampling)."""
     from .nets import GuidedNet
 
     eta = check_sampler(sampler, eta)
@@ -96,10 +105,25 @@ def draw_samples(run: Run, num: int, *, seed: int = 0, sampling_timesteps: int |
         if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
             raise ValueError(f"labels must lie in 0..{num_classes - 1}, got "
                              f"{int(labels.min())}..{int(labels.max())}")
-    if sampling_timesteps is not None and sampling_timesteps != model.num_timesteps:
-        if not 1 <= sampling_timesteps <= model.num_timesteps:
-            raise ValueError(f"sampling timesteps must be in 1..{model.num_timesteps} (the run's "
-                             f"T), got {sampling_timesteps}")
+    if sampling_timesteps is not None and not 1 <= sampling_timesteps <= model.num_timesteps:
+        raise ValueError(f"sampling timesteps must be in 1..{model.num_timesteps} (the run's "
+                         f"T), got {sampling_timesteps}")
+    if noiseless_last_step and sampler != "ddpm":
+        raise ValueError("noiseless_last_step applies to ancestral sampling (DDIM's last step "
+                         "has no noise)")
+    if clip_denoised:
+        if run.model.decoder_type != "discretized":
+            raise ValueError("clip_denoised clips x_0 to the image range [-1, 1]; this run's data "
+                             "are vectors")
+        model = model.replace(clip_x0=1.0)
+    if sampling_variance is not None:
+        model = model.with_variance(sampling_variance)
+    if sampling_schedule is not None:
+        from .schedules import make_schedule
+
+        model = model.with_schedule(make_schedule(sampling_schedule,
+                                                  sampling_timesteps or model.num_timesteps))
+    elif sampling_timesteps is not None and sampling_timesteps != model.num_timesteps:
         model = model.respaced(spaced_steps(model.num_timesteps, sampling_timesteps))
     device = run.device
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -114,7 +138,8 @@ def draw_samples(run: Run, num: int, *, seed: int = 0, sampling_timesteps: int |
         if sampler == "ddim":
             x = ddim_sample(part, (n,) + tuple(run.event_shape), eta=eta, **kwargs).x0
         else:
-            x = ancestral_sample(part, (n,) + tuple(run.event_shape), **kwargs).x0
+            x = ancestral_sample(part, (n,) + tuple(run.event_shape),
+                                 noiseless_last_step=noiseless_last_step, **kwargs).x0
         parts.append(x.cpu())
     x = torch.cat(parts).double()
     return run.rescaling.invert(x)
@@ -615,6 +640,14 @@ _TABLE_NOTE_TOY = (
     "terms (L_0 is a log density, negative for continuous data, so the terms are shown in "
     "nats rather than as fractions of the total). Energy distance (unbiased; about 0 for a "
     "perfect model) and sliced Wasserstein-2: model samples against held-out test points.")
+_TABLE_NOTE_LIKELIHOODS = (
+    "Each estimator of -log p(x) on the same test points of each run, mean over seeds ± its "
+    "standard error across seeds, with its wall time per run in seconds: the discrete bound "
+    "L_T + Σ L_{t-1} + L_0 of the T-step chain; the continuous-time bound (VDM) of the same "
+    "network on its schedule seen in continuous time; the probability-flow ODE's NLL (Song et "
+    "al. 2021), exact up to the solver's tolerance (images: dequantized, a bound on the discrete "
+    "NLL). Each run's own standard errors and the ODE's evaluations and tolerances are in "
+    "results.json (runs[].eval.continuous, runs[].eval.ode).")
 _TABLE_NOTE_IMAGE = (
     "bits/dim: the bound L_T + Σ L_{t-1} + L_0 on the discrete test images (discretized decoder "
     "over the dataset's K levels) divided by D ln 2, mean over seeds ± its standard error across "
@@ -659,7 +692,8 @@ def write_results(out: str | Path, spec: GridSpec, records: list[dict], rows: li
           f"{spec.metric_samples}.",
           "",
           results_table(rows, image=image), "",
-          _TABLE_NOTE_IMAGE if image else _TABLE_NOTE_TOY, ""]
+          (_TABLE_NOTE_LIKELIHOODS if spec.likelihoods
+           else _TABLE_NOTE_IMAGE if image else _TABLE_NOTE_TOY), ""]
     if best is not None:
         md += [f"Lowest bound: **{spec.label(best['cell'])}**, "
                + (f"{_fmt(best['bits_per_dim'], best['bits_per_dim_se'])} bits/dim." if image else

@@ -29,6 +29,7 @@ import torch
 
 from . import distributed
 from .data import IMAGE_DATASETS, RESCALINGS, TOY_DATASETS, Rescaling
+from .data.arrays import load_betas
 from .continuous import DiscreteLogSNR, LearnedLogSNR, discretize
 from .checkpoint import RESUME_KEYS, read_checkpoint, save_checkpoint, size_mismatch
 from .files import atomic_write_text
@@ -115,6 +116,24 @@ class TrainConfig:
     class_cond: bool = False
     label_dropout: float = 0.1
     learned_schedule: bool = False
+    # the schedule's parameters (make_schedule): None = 1e-4 and 0.02 scaled by 1000/T
+    beta_start: float | None = None
+    beta_end: float | None = None
+    cosine_s: float = 0.008
+    schedule_power: float = 2.0
+    const_beta: float = 0.02
+    betas: str = ""  # a file of beta_1..beta_T in place of --schedule (saved in the checkpoint)
+    # the U-Net ("" and 0: unet_for's choice for the image size)
+    channel_mults: str = ""
+    num_res_blocks: int = 0
+    attention_resolutions: str = ""
+    num_heads: int = 1
+    embedding_dim: int = 32  # the MLP's time embedding
+    # objective options: L_hybrid's lambda, Min-SNR's gamma, P2's k and gamma
+    hybrid_weight: float = 0.001
+    min_snr_gamma: float = 5.0
+    p2_k: float = 1.0
+    p2_gamma: float = 1.0
 
     CHOICES = {"data": tuple(sorted(TOY_DATASETS)) + IMAGE_DATASETS, "variance": VARIANCES, "prediction": PREDICTIONS,
                "schedule": SCHEDULES, "decoder_variance": DECODER_VARIANCES, "rescale": RESCALINGS,
@@ -149,6 +168,21 @@ class TrainConfig:
             if self.sampler != "uniform":
                 raise ValueError("the continuous objective draws its own times u (evenly spread "
                                  f"over the batch): --sampler must be uniform, got {self.sampler!r}")
+        for name in ("cosine_s", "schedule_power", "const_beta", "hybrid_weight", "min_snr_gamma",
+                     "p2_k", "p2_gamma"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be finite, got {getattr(self, name)}")
+        if self.betas and any(getattr(self, n) is not None for n in ("beta_start", "beta_end")):
+            raise ValueError("--betas gives every beta_t: drop --beta-start / --beta-end")
+        self.unet_options()  # the U-Net's options parse
+        if not self.betas:  # the schedule's options give a schedule (a file is read by Trainer);
+            # checked at T <= 10^4 (a larger T is refused by the memory check, not built here)
+            make_schedule(self.schedule, min(self.timesteps, 10_000), warn=False,
+                          **self.schedule_options())
+        if self.num_heads < 1 or self.num_res_blocks < 0 or self.embedding_dim < 2:
+            raise ValueError(f"need num_heads >= 1, num_res_blocks >= 0 (0: the default) and "
+                             f"embedding_dim >= 2, got {self.num_heads}, {self.num_res_blocks}, "
+                             f"{self.embedding_dim}")
         if self.learned_schedule and self.objective != "continuous":
             raise ValueError("--learned-schedule learns the continuous-time schedule: it needs "
                              f"--objective continuous, got {self.objective!r}")
@@ -197,6 +231,43 @@ class TrainConfig:
             raise ValueError("--compile needs torch.compile, which this Python/torch build does not "
                              "support; train without --compile")
         return self
+
+    def unet_options(self) -> dict:
+        """The U-Net options given (``channel_mults``, ``num_res_blocks``, ``attention_resolutions``
+        as "1,2,2" (or "1/2/2"), "7" or "none", ``num_heads``) as ``UNet`` keyword arguments."""
+        out: dict = {}
+
+        def ints(name: str, text: str) -> tuple[int, ...]:
+            try:  # "1,2,2", or "1/2/2" (a value of compare --grid, whose values take the commas)
+                values = tuple(int(v) for v in text.replace("/", ",").split(","))
+            except ValueError:
+                values = ()
+            if not values or min(values) < 1:
+                raise ValueError(f"{name} must be positive integers separated by commas (or "
+                                 f"slashes) such as 1,2,2, got {text!r}")
+            return values
+        if self.channel_mults:
+            out["channel_mults"] = ints("channel_mults", self.channel_mults)
+        if self.attention_resolutions:
+            out["attention_resolutions"] = (
+                () if self.attention_resolutions == "none"
+                else ints("attention_resolutions", self.attention_resolutions))
+        if self.num_res_blocks:
+            out["num_res_blocks"] = self.num_res_blocks
+        if self.num_heads != 1:
+            out["num_heads"] = self.num_heads
+        return out
+
+    def schedule_options(self) -> dict:
+        """``make_schedule``'s keyword arguments from the options (``betas`` aside)."""
+        return dict(beta_start=self.beta_start, beta_end=self.beta_end, beta=self.const_beta,
+                    cosine_s=self.cosine_s, power=self.schedule_power)
+
+    def loss_options(self) -> dict:
+        """The objective's own options (``objectives``): hybrid's lambda, Min-SNR's gamma, P2's."""
+        return {"hybrid": {"hybrid_weight": self.hybrid_weight},
+                "min_snr": {"gamma": self.min_snr_gamma},
+                "p2": {"k": self.p2_k, "gamma": self.p2_gamma}}.get(self.objective, {})
 
     @classmethod
     def for_data(cls, data: str, **changes) -> "TrainConfig":
@@ -276,9 +347,11 @@ def build_net(cfg: TrainConfig, event_shape, num_classes: int | None = None) -> 
             if not num_classes:
                 raise ValueError(f"--class-cond needs class labels, and {cfg.data} has none here")
             width["num_classes"] = num_classes
-        return UNet(**unet_for(H, C, out_multiplier=mult, dropout=cfg.dropout, **width))
+        return UNet(**unet_for(H, C, out_multiplier=mult, dropout=cfg.dropout, **width,
+                               **cfg.unet_options()))
     dim = event_shape[0]
-    kw = dict(hidden=cfg.hidden, depth=cfg.depth, embedding=cfg.embedding)
+    kw = dict(hidden=cfg.hidden, depth=cfg.depth, embedding=cfg.embedding,
+              embedding_dim=cfg.embedding_dim)
     if cfg.net == "mean_variance":
         return MeanVarianceNets(MLPDenoiser(dim, cfg.timesteps, **kw), MLPDenoiser(dim, cfg.timesteps, **kw))
     return MLPDenoiser(dim, cfg.timesteps, out_multiplier=mult, **kw)
@@ -325,10 +398,13 @@ def check_memory(cfg: TrainConfig, event_shape=None, *, processes: int = 1) -> N
                        hint="lower --batch-size" + (" or --image-size" if image else ""))
 
 
-def build_model(cfg: TrainConfig, net, num_levels: int | None = None) -> ReverseProcess:
+def build_model(cfg: TrainConfig, net, num_levels: int | None = None,
+                betas: torch.Tensor | None = None) -> ReverseProcess:
     """p_theta around ``net``: a Gaussian decoder for toys, the discretized decoder over
-    ``num_levels`` levels (and 3 event dimensions) for images."""
-    schedule = make_schedule(cfg.schedule, cfg.timesteps)
+    ``num_levels`` levels (and 3 event dimensions) for images. The schedule is ``betas`` where
+    given (a run trained on ``--betas FILE`` keeps them in its checkpoint), else ``cfg``'s."""
+    schedule = (NoiseSchedule.from_betas(betas, warn=False) if betas is not None
+                else make_schedule(cfg.schedule, cfg.timesteps, **cfg.schedule_options()))
     image = num_levels is not None
     return ReverseProcess(net, schedule, prediction=cfg.prediction, variance=cfg.variance,
                           decoder_variance=cfg.decoder_variance,
@@ -383,7 +459,7 @@ def load_run(out: str | Path, *, ema: bool = True, device: str | torch.device = 
     net.load_state_dict(weights)
     net.to(device, torch.float32).eval()
     resc = Rescaling(state["rescale_shift"], state["rescale_scale"])
-    model = build_model(cfg, net, state.get("num_levels"))
+    model = build_model(cfg, net, state.get("num_levels"), state.get("betas"))
     log_snr = None
     if cfg.learned_schedule:
         if "schedule" not in state:
@@ -456,9 +532,16 @@ class Trainer:
         self._ema_pairs = (list(self.ema.parameters()), list(self.net.parameters()))
         if self.rank > 0:  # dropout masks differ across ranks; rank 0 keeps the one-process stream
             torch.manual_seed(distributed.rank_seed(cfg.seed))
-        self.model = build_model(cfg, self._training_net(), self.num_levels)
+        self.betas = None
+        if cfg.betas:  # read now and kept in the checkpoint: the run does not need the file again
+            self.betas = load_betas(cfg.betas)
+            if len(self.betas) != cfg.timesteps:
+                raise ValueError(f"--betas {cfg.betas!r} holds {len(self.betas)} values but "
+                                 f"--timesteps is {cfg.timesteps} (omit --timesteps to take the "
+                                 "file's length)")
+        self.model = build_model(cfg, self._training_net(), self.num_levels, self.betas)
         self.loss_fn = get_objective(cfg.objective)
-        self.loss_options: dict = {}
+        self.loss_options: dict = cfg.loss_options()
         self.sampler = make_sampler(cfg.sampler, cfg.timesteps)
         groups = [{"params": list(self.net.parameters())}]
         self.log_snr = None
@@ -539,7 +622,8 @@ class Trainer:
                 "event_shape": list(self.event_shape), "num_levels": self.num_levels,
                 "num_classes": self.num_classes,
                 "rescale_shift": self.rescaling.shift, "rescale_scale": self.rescaling.scale,
-                **({"schedule": self.log_snr.state_dict()} if self.log_snr is not None else {})}
+                **({"schedule": self.log_snr.state_dict()} if self.log_snr is not None else {}),
+                **({"betas": self.betas} if self.betas is not None else {})}
 
     def _read_resume_state(self) -> dict:
         """Rank 0: check config.json and the checkpoint against this run's options and return the
@@ -552,6 +636,10 @@ class Trainer:
         if mismatch:
             raise ValueError(f"cannot resume from {path}: it holds a network of another size "
                              f"({mismatch})")
+        if self.betas is not None and not torch.equal(state.get("betas", torch.empty(0)),
+                                                      self.betas):
+            raise ValueError(f"cannot resume from {path}: --betas {self.cfg.betas!r} no longer "
+                             "holds the betas the run was trained with")
         return state
 
     def _check_same(self, saved, source: str) -> None:

@@ -113,6 +113,22 @@ class ReverseOutput:
         return self._log_variance
 
 
+class _MeanOutput:
+    """The mean part of a learned-variance model's network output (``with_variance``); other
+    attributes (``num_classes``) are the network's."""
+
+    def __init__(self, model: "ReverseProcess"):
+        self.model = model
+
+    def __call__(self, xt, t, *args):
+        return self.model._split(self.model.net(xt, t, *args))[0]
+
+    def __getattr__(self, name):
+        if name == "model":
+            raise AttributeError(name)
+        return getattr(self.model.net, name)
+
+
 class ReverseProcess:
     """p_theta for a network ``net(x_t, t)``; see the module docstring for the options.
 
@@ -178,6 +194,14 @@ class ReverseProcess:
         kwargs.update(changes)
         return ReverseProcess(kwargs.pop("net", self.net), kwargs.pop("schedule", self.schedule),
                               **kwargs)
+
+    def with_variance(self, variance: str) -> "ReverseProcess":
+        """p_theta with the same mean and sigma_t^2 fixed to ``variance`` (``fixed_small``: beta_tilde_t,
+        ``fixed_large``: beta_t), e.g. to sample a learned-variance model with Ho et al.'s choices;
+        a learned variance's output is dropped."""
+        _check("sampling variance", variance, FIXED_VARIANCES)
+        net = _MeanOutput(self) if self.learns_variance else self.net
+        return self.replace(net=net, variance=variance)
 
     def respaced(self, kept_steps) -> "ReverseProcess":
         """p_theta on a shorter chain over ``kept_steps`` (see ``NoiseSchedule.respace``)."""
