@@ -23,7 +23,7 @@ from .compare import draw_samples, evaluate_run
 from .evaluation import LIKELIHOODS, nonfinite_fields, bound_bytes, bound_report, other_likelihoods
 from .resources import require_memory
 from .sampling import SAMPLING_METHODS
-from .run_data import is_image_data
+from .run_data import is_image_data, test_points
 from . import distributed
 from .runtime import tune_allocator
 from .train import (IMAGE_DEFAULTS, PRECISIONS, TrainConfig, Trainer, TrainingError,
@@ -287,13 +287,13 @@ def _evaluate_checkpoint(args) -> int:
         x = check_data(_load_array(args.data_file), dim,
                        what=f"data in {args.data_file!r}")[: args.samples]
     samples = args.samples or (DEFAULT_IMAGE_EVAL_SAMPLES if image else DEFAULT_EVAL_SAMPLES)
-    n = len(x) if x is not None else samples if image else min(samples, cfg.test_size)
+    n = len(x) if x is not None else samples if image else min(samples, test_points(cfg))
     # what stays in host memory: the N x T terms and the N examples (the chunks run on --device)
     require_memory(bound_bytes(n, cfg.timesteps, dim, chunk_size=0),
                    f"the bound over {n} test points x T = {cfg.timesteps} steps",
                    hint="lower --samples")
     # sampling an image costs T U-Net passes: no sample metric unless asked for
-    default_metric = 0 if image else min(2000, cfg.test_size)
+    default_metric = 0 if image else min(2000, test_points(cfg))
     metric = args.metric_samples if args.metric_samples is not None else default_metric
     if args.clip_denoised and not image:
         raise UserError(f"--clip-denoised clips x_0 to the image range [-1, 1]; {cfg.data} is "
@@ -604,6 +604,21 @@ def _nonnegative_int(text: str) -> int:
     return value
 
 
+def _data_name(text: str) -> str:
+    """A dataset's name, or a file of points (.npy, .csv, .txt) that exists."""
+    from .data.empirical import is_data_file
+
+    if is_data_file(text):
+        if not Path(text).is_file():
+            raise argparse.ArgumentTypeError(f"no such file {text!r}")
+        return text
+    if text not in TrainConfig.CHOICES["data"]:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a dataset ({', '.join(TrainConfig.CHOICES['data'])}) nor a "
+            ".npy, .csv or .txt file of points")
+    return text
+
+
 def _list_of(valid):
     def parse(text: str) -> tuple[str, ...]:
         items = tuple(x.strip() for x in text.split(",") if x.strip())
@@ -630,6 +645,10 @@ def _add_config_args(parser: argparse.ArgumentParser, exclude=(), defaults=None)
         kw = {"default": None, "help": shown}
         if isinstance(f.default, bool):  # a switch: --compile
             kw = {"default": None, "action": "store_true", "help": "(default: off)"}
+        elif f.name == "data":  # a dataset's name or a file of points
+            kw |= {"type": _data_name, "metavar": "NAME|FILE",
+                   "help": f"{', '.join(choices['data'])}, or a .npy/.csv/.txt file of points, "
+                           f"one a row (default: {default})"}
         elif f.name in choices:
             kw["choices"] = choices[f.name]
         elif "int" in str(f.type) or isinstance(f.default, int):
@@ -842,7 +861,7 @@ def cmd_sample(args) -> int:
         from .figures import plot_samples_grid
 
         data = get_toy(run.config.data)
-        _, test = toy_split(data, 0, min(run.config.test_size, 5000), run.config.seed)
+        _, test = toy_split(data, 0, min(test_points(run.config), 5000), run.config.seed)
         steps = args.sampling_timesteps or run.config.timesteps
         how = f", DDIM eta = {args.eta:g}" if args.sampler == "ddim" else ""
         with _writing(figure, out):

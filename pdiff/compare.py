@@ -35,7 +35,7 @@ from . import distributed
 from .data import entropy_mc, get_toy, has_exact_density, toy_split
 from .evaluation import LIKELIHOODS, CastNet, bound_report, nonfinite_fields, other_likelihoods
 from .metrics import energy_distance, sliced_wasserstein
-from .run_data import is_image_data, load_run_data
+from .run_data import is_image_data, load_run_data, test_points
 from .runtime import allocator_tuned
 from .sampling import ancestral_sample, check_sampler, ddim_sample
 from .schedules import spaced_steps
@@ -168,6 +168,7 @@ def evaluate_run(run: Run, *, samples: int = 4000, seed: int = 0, metric_samples
     sample metrics are drawn by rank 0 alone (the other ranks' reports lack them). The bound is
     evaluated where the run's network is (``load_run(device=...)``).
     """
+    check_data_file(run)
     data = load_run_data(run.config, train=False)
     density = data.density
     paired = x is None
@@ -210,6 +211,14 @@ def evaluate_run(run: Run, *, samples: int = 4000, seed: int = 0, metric_samples
     if metric_samples > 0 and distributed.is_main():
         report |= sample_metrics(run, metric_samples, seed=seed)
     return report
+
+
+def check_data_file(run: Run) -> None:
+    """``ValueError`` if the run trained on a file of points that has changed since (its test
+    split would not be the one the run holds out)."""
+    if run.data_sha256 is not None and get_toy(run.config.data).sha256 != run.data_sha256:
+        raise ValueError(f"the data file {run.config.data!r} has changed since the run was trained "
+                         "(its SHA-256 differs): its test split is no longer the run's")
 
 
 def sample_metrics(run: Run, num: int, *, seed: int = 0) -> dict:
@@ -308,10 +317,10 @@ class GridSpec:
                     # checked per run: test_size may itself be an axis (images: their own split,
                     # evaluated on at most eval_samples test images)
                     if (not is_image_data(cfg.data)
-                            and max(self.eval_samples, self.metric_samples) > cfg.test_size):
+                            and max(self.eval_samples, self.metric_samples) > test_points(cfg)):
                         raise ValueError(f"eval and metric samples ({self.eval_samples}, "
                                          f"{self.metric_samples}) must not exceed the test split "
-                                         f"({cfg.test_size} points)")
+                                         f"({test_points(cfg)} points)")
                 except ValueError as e:
                     what = ", ".join(f"{k} {v!r}" for k, v in cell.items())
                     raise ValueError(f"{what}: {e}") from None

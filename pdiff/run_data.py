@@ -51,6 +51,16 @@ class RunData:
         return n
 
 
+def test_points(cfg) -> int:
+    """How many test points a vector run has: ``test_size``, or fewer where a file of points
+    holds fewer in its test part."""
+    from .data.empirical import is_data_file
+
+    if is_data_file(cfg.data):
+        return min(cfg.test_size, len(get_toy(cfg.data).test))
+    return cfg.test_size
+
+
 def identity_rescaling(event_shape) -> Rescaling:
     return Rescaling(torch.zeros(event_shape, dtype=torch.float64),
                      torch.ones(event_shape, dtype=torch.float64))

@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .data import IMAGE_DATASETS, RESCALINGS, TOY_DATASETS, Rescaling
+from .data import IMAGE_DATASETS, RESCALINGS, TOY_DATASETS, Rescaling, get_toy
 from .data.arrays import load_betas
+from .data.empirical import is_data_file
 from .continuous import DiscreteLogSNR, LearnedLogSNR, discretize
 from .checkpoint import RESUME_KEYS, read_checkpoint, save_checkpoint, size_mismatch
 from .files import atomic_write_text
@@ -145,7 +146,12 @@ class TrainConfig:
         """Refuse inconsistent options with a ``ValueError`` naming what is valid."""
         get_objective(self.objective)
         make_sampler(self.sampler, 1)
+        if is_data_file(self.data) and not Path(self.data).is_file():
+            raise ValueError(f"--data {self.data!r}: no such file (a dataset name, or a .npy, "
+                             ".csv or .txt file of points, one a row)")
         for name, valid in self.CHOICES.items():
+            if name == "data" and is_data_file(self.data):
+                continue
             if getattr(self, name) not in valid:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; valid: {', '.join(valid)}")
         if self.engine not in ENGINES:
@@ -363,7 +369,7 @@ def build_net(cfg: TrainConfig, event_shape, num_classes: int | None = None) -> 
 # per example of a batch, a few copies (forward, backward, Adam) of each MLP layer's activations,
 # or ~40 feature maps of base_channels at full resolution and the attention matrices of a U-Net.
 def toy_data_bytes(cfg: TrainConfig) -> float:
-    dim = TOY_DATASETS[cfg.data]().event_shape[0]
+    dim = get_toy(cfg.data).event_shape[0]
     return (cfg.train_size + cfg.test_size) * dim * (8 + 8 + 4)
 
 
@@ -386,10 +392,14 @@ def check_memory(cfg: TrainConfig, event_shape=None, *, processes: int = 1) -> N
     ``processes``) cannot fit in the memory available now. The batch is checked where its
     ``event_shape`` is known: always for toys, for images once their data is loaded."""
     image = is_image_data(cfg.data)
+    if is_data_file(cfg.data):  # parsed as text, a number takes some 10 times its 8 bytes
+        size = Path(cfg.data).stat().st_size
+        require_memory(size * (2 if cfg.data.endswith(".npy") else 10),
+                       f"the points of {cfg.data!r} ({size >> 20} MiB)", hint="use a smaller file")
     if not image:
         require_memory(toy_data_bytes(cfg), f"the training data ({cfg.train_size} + "
                        f"{cfg.test_size} points)", hint="lower --train-size or --test-size")
-        event_shape = TOY_DATASETS[cfg.data]().event_shape
+        event_shape = get_toy(cfg.data).event_shape
     require_memory(schedule_bytes(cfg), f"a schedule of T = {cfg.timesteps} steps",
                    hint="lower --timesteps")
     if event_shape is not None:
@@ -422,6 +432,7 @@ class Run:
     step: int
     event_shape: tuple[int, ...] | None = None  # default: the rescaling's shape, (D,) for toys
     log_snr: LearnedLogSNR | None = None  # a learned schedule (the model's is its T steps)
+    data_sha256: str | None = None  # a file of points: its digest when the run was trained
 
     def __post_init__(self):
         if self.event_shape is None:
@@ -469,7 +480,8 @@ def load_run(out: str | Path, *, ema: bool = True, device: str | torch.device = 
         log_snr.load_state_dict(state["schedule"])
         model = model.replace(schedule=learned_schedule_steps(log_snr, cfg.timesteps))
         log_snr.to(device)
-    return Run(cfg, model, resc, state["step"], event_shape, log_snr=log_snr)
+    return Run(cfg, model, resc, state["step"], event_shape, log_snr=log_snr,
+               data_sha256=state.get("data_sha256"))
 
 
 def learned_schedule_steps(log_snr: "LearnedLogSNR", num_timesteps: int) -> NoiseSchedule:
@@ -623,7 +635,9 @@ class Trainer:
                 "num_classes": self.num_classes,
                 "rescale_shift": self.rescaling.shift, "rescale_scale": self.rescaling.scale,
                 **({"schedule": self.log_snr.state_dict()} if self.log_snr is not None else {}),
-                **({"betas": self.betas} if self.betas is not None else {})}
+                **({"betas": self.betas} if self.betas is not None else {}),
+                **({"data_sha256": get_toy(self.cfg.data).sha256}
+                   if is_data_file(self.cfg.data) else {})}
 
     def _read_resume_state(self) -> dict:
         """Rank 0: check config.json and the checkpoint against this run's options and return the

@@ -7,11 +7,13 @@ Each toy is a ``torch.distributions.Distribution`` over vectors (``event_shape =
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch.distributions import Distribution
 
+from .empirical import EmpiricalData, is_data_file
 from .mixture import GaussianMixture
 from .pinwheel import Pinwheel
 from .toy2d import (Checkerboard, Moons, SwissRoll, TwoSpirals, circles, eight_gaussians, rings,
@@ -49,10 +51,22 @@ def has_exact_density(dist: Distribution) -> bool:
     return bool(getattr(dist, "has_exact_density", isinstance(dist, GaussianMixture)))
 
 
+_FILES: dict[tuple[str, float], EmpiricalData] = {}
+
+
 def get_toy(name: str) -> Distribution:
-    """The toy distribution called ``name``; ``ValueError`` naming the valid ones otherwise."""
+    """The toy distribution called ``name``, or the points of a ``.npy``/``.csv``/``.txt`` file
+    (``EmpiricalData``, read once per process and file version); ``ValueError`` naming the valid
+    ones otherwise."""
+    if is_data_file(name):
+        path = Path(name)
+        key = (str(path.resolve()), path.stat().st_mtime if path.is_file() else -1.0)
+        if key not in _FILES:
+            _FILES[key] = EmpiricalData(name)
+        return _FILES[key]
     if name not in TOY_DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(sorted(TOY_DATASETS))}")
+        raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(sorted(TOY_DATASETS))}, "
+                         "or a file of points (.npy, .csv, .txt)")
     return TOY_DATASETS[name]()
 
 
@@ -60,8 +74,11 @@ def toy_split(dist: Distribution, num_train: int, num_test: int, seed: int):
     """Fixed train and test sets drawn from ``dist``: the same ``seed`` gives the same points.
 
     The test set comes from its own stream (``seed`` offset), so changing ``num_train`` does not
-    change the test points.
+    change the test points. A file's points (``EmpiricalData``) are split, not drawn: its fixed
+    training and test parts, whatever the seed.
     """
+    if isinstance(dist, EmpiricalData):
+        return dist.split(num_train, num_test)
     train = dist.sample((num_train,), generator=torch.Generator().manual_seed(2 * seed))
     test = dist.sample((num_test,), generator=torch.Generator().manual_seed(2 * seed + 1))
     return train, test
