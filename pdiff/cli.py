@@ -161,7 +161,7 @@ ORACLE_DEFAULTS = {"denoiser": "oracle", "schedule": "cosine", "timesteps": 1000
                    "variance": "fixed_large", "decoder_variance": "beta1", "rescale": "none"}
 ORACLE_OPTIONS = ("data", "denoiser", "schedule", "timesteps", "betas", "variance",
                   "decoder_variance", "rescale")
-CHECKPOINT_OPTIONS = ("metric_samples", "data_dir", "clip_denoised")
+CHECKPOINT_OPTIONS = ("metric_samples", "data_dir", "clip_denoised", "fid_samples")
 ODE_OPTIONS = ("rtol", "atol", "probes", "divergence", "u_start")
 DEFAULT_CONTINUOUS_SAMPLES = 16
 DEFAULT_EVAL_SAMPLES = 4000
@@ -298,6 +298,9 @@ def _evaluate_checkpoint(args) -> int:
     if args.clip_denoised and not image:
         raise UserError(f"--clip-denoised clips x_0 to the image range [-1, 1]; {cfg.data} is "
                         "vector data")
+    if args.fid_samples and not image:
+        raise UserError(f"--fid-samples measures image samples; {cfg.data} is vector data (its "
+                        "sample metrics are --metric-samples)")
     _check_bound_options(args, cfg.timesteps)
     report = evaluate_run(run, samples=samples, seed=args.seed, metric_samples=metric,
                           entropy_samples=args.entropy_samples, chunk_size=args.chunk_size,
@@ -305,6 +308,7 @@ def _evaluate_checkpoint(args) -> int:
                           sampling_timesteps=args.sampling_timesteps,
                           clip_denoised=bool(args.clip_denoised),
                           progress=not args.no_progress, x=x, likelihoods=args.likelihood,
+                          fid_samples=args.fid_samples or 0,
                           continuous_samples=args.continuous_samples or DEFAULT_CONTINUOUS_SAMPLES,
                           ode_options=_ode_options(args))
     report.pop("_samples", None)
@@ -393,6 +397,10 @@ def _summary(r: dict, cfg: dict) -> str:
     if r["entropy_nats"] is not None:
         lines.append(f"  data entropy:        {_f(r['entropy_nats'])} +- {_stderr(r['entropy_stderr'])} "
                      f"nats; gap {_f(r['gap_nats'])} +- {_stderr(r['gap_stderr'])}")
+    if "fid" in r:
+        lines.append(f"  sample quality:      FID {r['fid']:.2f}, precision {r['sample_precision']:.3f}, "
+                     f"recall {r['sample_recall']:.3f} ({r['fid_samples']} samples of "
+                     f"{r['fid_sampling_timesteps']} steps; features: {r['fid_features']})")
     if "energy_distance" in r:
         lines.append(f"  samples vs held-out: energy distance {r['energy_distance']:.4f}, sliced "
                      f"W2 {r['sliced_wasserstein']:.4f} ({r['metric_samples']} points each)")
@@ -473,6 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ode-u-start", dest="u_start", type=_positive_float, default=None,
                     metavar="U", help="--likelihood ode: where the flow starts, u in (0, 1) "
                                       "(default 1e-5, as Song et al. 2021)")
+    ev.add_argument("--fid-samples", type=_nonnegative_int, default=None, metavar="N",
+                    help="image runs: the Fréchet distance and precision/recall of N model samples "
+                         "(with --sampling-timesteps K steps if given) against N test images, on "
+                         "the features of a classifier pdiff trains once on the training split "
+                         "and caches beside the data (default 0: none)")
     ev.add_argument("--metric-samples", type=_nonnegative_int, default=None,
                     help="with --checkpoint: model samples for the energy distance and sliced W2 "
                     "to held-out test points (default: 2000 or the test split; images 0, as each "
@@ -569,6 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
                     metavar="NAME[,NAME]",
                     help="estimators of -log p(x) in the table, side by side on the same test "
                          "points: bound (always), continuous, ode (see pdiff evaluate --help)")
+    co.add_argument("--fid-samples", type=_nonnegative_int, default=0, metavar="N",
+                    help="image data: the Fréchet distance and precision/recall of N samples of "
+                         "each run against N test images (default 0: none)")
     co.add_argument("--metric-samples", type=_nonnegative_int, default=None,
                     help="model samples for the sample metrics (default: 1000, images 256; 0: none)")
     co.add_argument("--no-figures", action="store_true", help="write no figures")
@@ -990,7 +1006,7 @@ def cmd_compare(args) -> int:
     metric = args.metric_samples if args.metric_samples is not None else (256 if image else 1000)
     spec = GridSpec(base, axes, tuple(range(args.seeds)), eval_samples=args.eval_samples,
                     metric_samples=metric, exclude=_grid_exclusions(args.exclude, axes),
-                    likelihoods=args.likelihood)
+                    likelihoods=args.likelihood, fid_samples=args.fid_samples)
     try:
         result = compare(spec, args.out, jobs=args.jobs, resume=args.resume, force=args.force,
                          figures=not args.no_figures, command=args.command_line, log=sys.stderr)

@@ -151,7 +151,7 @@ def evaluate_run(run: Run, *, samples: int = 4000, seed: int = 0, metric_samples
                  sampling_timesteps: int | None = None, clip_denoised: bool = False,
                  progress: bool = False, x: torch.Tensor | None = None,
                  likelihoods: tuple[str, ...] = (), continuous_samples: int = 16,
-                 ode_options: dict | None = None) -> dict:
+                 ode_options: dict | None = None, fid_samples: int = 0) -> dict:
     """The run's bound on the first ``samples`` points of its test split (or on ``x``, in data
     units), as ``BoundReport.to_dict()``; with ``metric_samples`` > 0 also the energy distance and
     sliced Wasserstein-2 distance between that many model samples and as many test points.
@@ -161,7 +161,9 @@ def evaluate_run(run: Run, *, samples: int = 4000, seed: int = 0, metric_samples
     Improved DDPM's NLL script does. Both are recorded in the report. ``likelihoods``: the other
     estimators to report beside the bound, on the same points (``evaluation.other_likelihoods``:
     ``continuous``, the continuous-time bound from ``continuous_samples`` draws of u per point;
-    ``ode``, the probability-flow ODE with ``ode_options``), each under its name.
+    ``ode``, the probability-flow ODE with ``ode_options``), each under its name. ``fid_samples``
+    > 0 (images): the Fréchet distance, precision and recall of that many samples against the test
+    images (``image_sample_quality``).
 
     The gap to the entropy is the paired estimate over the test points (``BoundReport``). Under
     ``torchrun`` every rank calls it: the bound is sharded over the ranks (``bound_report``) and the
@@ -210,7 +212,35 @@ def evaluate_run(run: Run, *, samples: int = 4000, seed: int = 0, metric_samples
     report |= {"sampling_timesteps": sampling_timesteps, "clip_denoised": clip_denoised}
     if metric_samples > 0 and distributed.is_main():
         report |= sample_metrics(run, metric_samples, seed=seed)
+    if fid_samples > 0 and distributed.is_main():
+        report |= image_sample_quality(run, fid_samples, seed=seed,
+                                       sampling_timesteps=sampling_timesteps)
     return report
+
+
+def image_sample_quality(run: Run, num: int, *, seed: int = 0,
+                         sampling_timesteps: int | None = None) -> dict:
+    """The Fréchet distance and the precision and recall (k = 3) between ``num`` model samples
+    (drawn with ``sampling_timesteps`` steps, T by default) and the first ``num`` test images, on
+    the features of the classifier pdiff trains once on the dataset's training split and caches
+    beside its files (``feature_net.feature_net_for``); ``fid_features`` names that classifier
+    (its recipe and test accuracy), so the number is recorded with the features it was measured
+    on."""
+    from .data import load_images
+    from .feature_net import feature_net_for
+    from .sample_quality import sample_quality
+
+    cfg = run.config
+    if not is_image_data(cfg.data):
+        raise ValueError(f"the Fréchet distance compares images; {cfg.data} is vector data")
+    data = load_images(cfg.data, data_dir=cfg.data_dir, image_size=cfg.image_size, seed=cfg.seed)
+    num = min(num, len(data.test))
+    net = feature_net_for(cfg.data, cfg.data_dir, data=data)
+    fake = draw_samples(run, num, seed=seed + 29, sampling_timesteps=sampling_timesteps)
+    q = sample_quality(fake, data.test[:num].double(), net)
+    return {"fid": q["fid"], "sample_precision": q["precision"], "sample_recall": q["recall"],
+            "fid_samples": num, "fid_features": q["features"],
+            "fid_sampling_timesteps": sampling_timesteps or cfg.timesteps}
 
 
 def check_data_file(run: Run) -> None:
@@ -258,6 +288,7 @@ class GridSpec:
     metric_samples: int = 1000
     exclude: tuple[dict, ...] = ()
     likelihoods: tuple[str, ...] = ()  # estimators beside the bound: continuous, ode
+    fid_samples: int = 0  # images: samples for the Fréchet distance and precision / recall
 
     def __post_init__(self):
         # data_dir: one dataset, and a path in a value would nest its runs' directory names
@@ -329,7 +360,7 @@ class GridSpec:
 
 
 def _finished(run_dir: Path, cfg: TrainConfig, eval_samples: int, metric_samples: int,
-              likelihoods: tuple[str, ...] = ()) -> dict | None:
+              likelihoods: tuple[str, ...] = (), fid_samples: int = 0) -> dict | None:
     """The saved evaluation of a run already trained to the end with this configuration and
     evaluated on as many points."""
     ev, conf = run_dir / EVAL_FILE, run_dir / "config.json"
@@ -342,14 +373,15 @@ def _finished(run_dir: Path, cfg: TrainConfig, eval_samples: int, metric_samples
         return None
     same_eval = (saved.get("eval_samples") == eval_samples
                  and saved.get("metric_samples") == metric_samples
-                 and all(name in saved.get("eval", {}) for name in likelihoods))
+                 and all(name in saved.get("eval", {}) for name in likelihoods)
+                 and saved.get("eval", {}).get("fid_samples", 0) >= fid_samples)
     return saved if same and same_eval and saved.get("status") == "ok" else None
 
 
 def run_one(name: str, cell: dict, cfg: TrainConfig, run_dir: str | Path, *, eval_samples: int,
             metric_samples: int, resume: bool, force: bool, threads: int | None = None,
             dtype: torch.dtype | None = None, likelihoods: tuple[str, ...] = (),
-            progress: bool = False) -> dict:
+            fid_samples: int = 0, progress: bool = False) -> dict:
     """Train (or resume) and evaluate one run; a failure is returned as a record, not raised."""
     run_dir = Path(run_dir)
     if threads:
@@ -359,7 +391,7 @@ def run_one(name: str, cell: dict, cfg: TrainConfig, run_dir: str | Path, *, eva
     record = {"name": name, "cell": cell, "seed": cfg.seed, "run_dir": str(run_dir),
               "eval_samples": eval_samples, "metric_samples": metric_samples}
     if resume and (done := _finished(run_dir, cfg, eval_samples, metric_samples,
-                                     likelihoods)) is not None:
+                                     likelihoods, fid_samples)) is not None:
         return done | record | {"reused": True}
     try:
         wall, cpu = time.perf_counter(), time.process_time()
@@ -374,7 +406,7 @@ def run_one(name: str, cell: dict, cfg: TrainConfig, run_dir: str | Path, *, eva
         del trainer
         run = load_run(run_dir)
         ev = evaluate_run(run, samples=eval_samples, seed=cfg.seed, metric_samples=metric_samples,
-                          likelihoods=likelihoods)
+                          likelihoods=likelihoods, fid_samples=fid_samples)
         samples = ev.pop("_samples", None)
         bad = nonfinite_fields(ev)
         if bad:  # a failed run, like a non-finite loss: no NaN passes into the table as a number
@@ -404,7 +436,7 @@ def run_grid(spec: GridSpec, out: str | Path, *, jobs: int = 1, resume: bool = F
     with _writing(root):
         root.mkdir(parents=True, exist_ok=True)
     kw = dict(eval_samples=spec.eval_samples, metric_samples=spec.metric_samples, resume=resume,
-              force=force, likelihoods=spec.likelihoods)
+              force=force, likelihoods=spec.likelihoods, fid_samples=spec.fid_samples)
     records: dict[str, dict] = {}
     if jobs <= 1:
         for name, cell, cfg in runs:
@@ -548,6 +580,9 @@ def summarize(records: list[dict]) -> list[dict]:
             "train_seconds": [r.get("train_seconds") for r in ok],
             "train_cpu_seconds": [r.get("train_cpu_seconds") for r in ok],
             "bound_seconds": [e.get("wall_seconds") for e in ev],
+            "fid": [e.get("fid") for e in ev],
+            "sample_precision": [e.get("sample_precision") for e in ev],
+            "sample_recall": [e.get("sample_recall") for e in ev],
             **{f"{name}_{k}": [e[name][k] if name in e else None for e in ev]
                for name in ("continuous", "ode")
                for k in ("nll_nats", "bits_per_dim", "wall_seconds")},
@@ -576,9 +611,12 @@ def results_table(rows: list[dict], *, image: bool = False) -> str:
               if any(r.get(f"{name}_nll_nats") is not None for r in rows)]
     if others:
         return _likelihood_table(rows, axes, others, image)
+    fid = image and any(r.get("fid") is not None for r in rows)
     if image:
         cols = axes + ["seeds ok", "bits/dim", "L_T (bpd)", "L_0 (bpd)", "Σ L_{t-1} (bpd)",
                        "energy distance", "sliced W2", "train s (wall / CPU)"]
+        if fid:
+            cols[-1:-1] = ["FID", "precision", "recall"]
     else:
         cols = axes + ["seeds ok", "NLL bound (nats)", "gap to H (nats)", "L_T", "L_0", "Σ L_{t-1}",
                        "energy distance", "sliced W2", "train s (wall / CPU)"]
@@ -601,9 +639,11 @@ def results_table(rows: list[dict], *, image: bool = False) -> str:
             bound = [_fmt(r["nll_nats"], r["nll_nats_se"]), _fmt(r["gap_nats"], r["gap_nats_se"]),
                      _fmt(r["prior_nats"], None, 4), _fmt(r["decoder_nats"], None),
                      _fmt(r["transition_nats"], None)]
+        quality = ([_fmt(r["fid"], r["fid_se"], 2), _fmt(r["sample_precision"], r["sample_precision_se"]),
+                    _fmt(r["sample_recall"], r["sample_recall_se"])] if fid else [])
         lines.append("| " + " | ".join(cell + [ok] + bound + [
             _fmt(r["energy_distance"], r["energy_distance_se"], 4),
-            _fmt(r["sliced_wasserstein"], r["sliced_wasserstein_se"]),
+            _fmt(r["sliced_wasserstein"], r["sliced_wasserstein_se"])] + quality + [
             _fmt(r["train_seconds"], None, 0) + " / " + _fmt(r["train_cpu_seconds"], None, 0)]) + " |")
     return "\n".join(lines)
 
@@ -618,6 +658,9 @@ def _likelihood_table(rows: list[dict], axes: list[str], others: list[str], imag
         cols += [f"{names[name]} ({unit})", f"{name} s"]
     if not image:
         cols.append("entropy gap of the bound (nats)")
+    fid = any(r.get("fid") is not None for r in rows)
+    if fid:
+        cols += ["FID", "precision", "recall"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cell = [str(v) for v in r["cell"].values()] + [f"{r['ok']}/{r['runs']}"]
@@ -631,6 +674,9 @@ def _likelihood_table(rows: list[dict], axes: list[str], others: list[str], imag
                      _fmt(r[f"{name}_wall_seconds"], None, 2)]
         if not image:
             cell.append(_fmt(r["gap_nats"], r["gap_nats_se"]))
+        if fid:
+            cell += [_fmt(r["fid"], r["fid_se"], 2), _fmt(r["sample_precision"], r["sample_precision_se"]),
+                     _fmt(r["sample_recall"], r["sample_recall_se"])]
         lines.append("| " + " | ".join(cell) + " |")
     return "\n".join(lines)
 

@@ -35,6 +35,9 @@ LAYERS = {
     "workers": {"runtime"},
     "metrics": set(),
     "distributed": set(),  # torch.distributed helpers: torch only
+    # sample quality: the classifier's features (feature_net trains and caches it), the metrics
+    "feature_net": {"checkpoint", "data", "files", "nets"},
+    "sample_quality": set(),
     "figures": {"schedules", "parameterization", "distributions", "sampling", "files",
                 "continuous"},
 }
