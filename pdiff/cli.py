@@ -384,7 +384,8 @@ def _summary(r: dict, cfg: dict) -> str:
     if "continuous" in r:
         c = r["continuous"]
         lines.append(f"  continuous-time bound: {_f(c['nll_nats'])} +- {_stderr(c['nll_stderr'])} "
-                     f"nats ({_f(c['bits_per_dim'])} bits/dim; {c['num_u']} draws of u per point, "
+                     f"nats ({_f(c['bits_per_dim'])} bits/dim; {c['num_u']} log-SNR draws per "
+                     "point, "
                      f"{c['wall_seconds']:.1f} s)")
     if "ode" in r:
         o = r["ode"]
@@ -466,7 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "continuous-time bound of VDM on the same schedule), ode (the exact "
                          "likelihood of the probability-flow ODE; images dequantized)")
     ev.add_argument("--continuous-samples", type=_positive_int, default=None, metavar="K",
-                    help=f"--likelihood continuous: draws of u per test point (default "
+                    help="--likelihood continuous: draws per test point, stratified in log-SNR "
+                         f"(default "
                          f"{DEFAULT_CONTINUOUS_SAMPLES}, stratified)")
     ev.add_argument("--ode-rtol", dest="rtol", type=_positive_float, default=None,
                     help="--likelihood ode: the solver's relative tolerance (default 1e-5)")

@@ -160,7 +160,7 @@ def evaluate_run(run: Run, *, samples: int = 4000, seed: int = 0, metric_samples
     ``draw_samples`` samples); ``clip_denoised``: x_0 predictions clipped to [-1, 1] (images), as
     Improved DDPM's NLL script does. Both are recorded in the report. ``likelihoods``: the other
     estimators to report beside the bound, on the same points (``evaluation.other_likelihoods``:
-    ``continuous``, the continuous-time bound from ``continuous_samples`` draws of u per point;
+    ``continuous``, the continuous-time bound from ``continuous_samples`` log-SNR draws per point;
     ``ode``, the probability-flow ODE with ``ode_options``), each under its name. ``fid_samples``
     > 0 (images): the Fréchet distance, precision and recall of that many samples against the test
     images (``image_sample_quality``).

@@ -159,9 +159,14 @@ def continuous_bound(model: ReverseProcess, x0: torch.Tensor, *, num_u: int = 16
                      log_snr=None, progress=None) -> ContinuousBound:
     """The continuous-time bound (VDM eq. 17; see the module docstring) of ``model`` on its own
     schedule seen in continuous time: L_T and L_0 exactly as the discrete chain has them, the
-    diffusion integral from ``num_u`` draws per example, stratified over (u_1, 1) (an unbiased
-    estimate; each example's draws are spread like VDM's low-discrepancy sampler). ``log_snr``: a
-    learned schedule the model was trained on (default: the model's schedule, ``DiscreteLogSNR``)."""
+    diffusion integral from ``num_u`` draws per example, an unbiased estimate.
+
+    The integral is taken in lambda, where it reads 1/2 int_{lambda(1)}^{lambda(u_1)}
+    E||eps - eps_hat(x_lambda)||^2 dlambda (VDM eq. 19: the schedule only reparameterizes it): the
+    draws are stratified uniformly in lambda and mapped back to u (``inverse``). Uniform u would
+    weight each draw by -lambda'(u), which is huge near u_1 (a hundred times the average on the
+    linear schedule), and make the estimate far noisier. ``log_snr``: a learned schedule the
+    model was trained on (default: the model's schedule, ``DiscreteLogSNR``)."""
     N = _num_examples(model, x0)
     if num_u < 1:
         raise ValueError(f"num_u must be >= 1, got {num_u}")
@@ -179,24 +184,37 @@ def continuous_bound(model: ReverseProcess, x0: torch.Tensor, *, num_u: int = 16
             xt = (model.schedule.at("sqrt_alpha_bar", t, x, d) * x
                   + model.schedule.at("sqrt_one_minus_alpha_bar", t, x, d) * eps)
             decoder[start:stop] = _step_term(model, x, xt, t, model._output(xt, t))
+        ends = den.log_snr(torch.tensor([u_first, 1.0], dtype=torch.float64, device=dev))
+        lam_max, lam_min = float(ends[0]), float(ends[1])
         strata = (torch.arange(num_u, device=dev, dtype=torch.float64)
                   + torch.rand((N, num_u), generator=generator, device=dev, dtype=torch.float64))
-        u = (u_first + (1 - u_first) * strata / num_u).reshape(-1)  # (N K,), example-major
+        lam_all = (lam_min + (lam_max - lam_min) * strata / num_u).reshape(-1)  # example-major
         n = torch.arange(N, device=dev).repeat_interleave(num_u)
         terms = x0.new_empty(N * num_u)
         for start in range(0, N * num_u, chunk_size):
             stop = min(start + chunk_size, N * num_u)
-            uc, x = u[start:stop], x0.index_select(0, n[start:stop])
-            lam = den.log_snr(uc)
-            a, s = (v.to(x.dtype).reshape(uc.shape + (1,) * d) for v in alpha_sigma(lam))
+            lam, x = lam_all[start:stop], x0.index_select(0, n[start:stop])
+            uc = inverse(den.log_snr, lam, u_first, 1.0)
+            a, s = (v.to(x.dtype).reshape(lam.shape + (1,) * d) for v in alpha_sigma(lam))
             eps = torch.randn(x.shape, dtype=x.dtype, device=dev, generator=generator)
-            err = (eps - den(a * x + s * eps, uc)) ** 2
-            weight = -den.log_snr.derivative(uc).to(x.dtype)  # -lambda'(u) > 0
-            terms[start:stop] = 0.5 * weight * err.flatten(x.dim() - d).sum(-1)
+            err = (eps - den.eps(a * x + s * eps, uc, a, s)) ** 2
+            terms[start:stop] = 0.5 * err.flatten(x.dim() - d).sum(-1)
             if progress is not None:
                 progress(stop - start)
-        diffusion = terms.reshape(N, num_u).mean(1) * (1 - u_first)
+        diffusion = terms.reshape(N, num_u).mean(1) * (lam_max - lam_min)
     return ContinuousBound(prior=prior, decoder=decoder, diffusion=diffusion, num_u=num_u)
+
+
+def inverse(log_snr, lam: torch.Tensor, lo: float, hi: float, iterations: int = 60) -> torch.Tensor:
+    """u in [lo, hi] with log_snr(u) = ``lam``, for a decreasing ``log_snr``, by bisection (60
+    halvings: float64's resolution on [0, 1])."""
+    a = torch.full_like(lam, lo, dtype=torch.float64)
+    b = torch.full_like(lam, hi, dtype=torch.float64)
+    for _ in range(iterations):
+        mid = (a + b) / 2
+        above = log_snr(mid) > lam  # lambda still too large: the root lies later
+        a, b = torch.where(above, mid, a), torch.where(above, b, mid)
+    return (a + b) / 2
 
 
 class LearnedLogSNR(torch.nn.Module):

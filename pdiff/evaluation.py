@@ -229,8 +229,8 @@ def continuous_report(model: ReverseProcess, x: torch.Tensor, *, log_jacobian: f
                       generator: torch.Generator | None = None) -> dict:
     """The continuous-time bound (``continuous.continuous_bound``, VDM eq. 17) of ``model`` on the
     (already rescaled) examples ``x``, in the data's units as ``BoundReport``: ``nll_nats`` with its
-    standard error over examples (the draws of u and eps included), ``bits_per_dim``, the three
-    parts, ``num_u`` draws of u per example and the wall time."""
+    standard error over examples (the draws of log-SNR and eps included), ``bits_per_dim``, the three
+    parts, ``num_u`` log-SNR draws per example and the wall time."""
     from .continuous import continuous_bound
 
     start = time.perf_counter()
