@@ -11,7 +11,11 @@ reversed every other round) and the ratio is the median of the per-round ratios.
               forward passes on as many (x_t, t) pairs in chunks of the same size (target 1.2x).
   training    ``Trainer`` iterations (torch engine; logging and checkpoints at their default
               intervals) against a hand-written loop doing the same arithmetic with the same
-              network and batch (target: 5% overhead).
+              network and batch (target: 5% overhead); MLPs, the digits U-Net and the MNIST U-Net
+              (images/s), the last on the MNIST files where found, else random images of their
+              shape.
+  profile     where an MNIST U-Net training step goes (``bench_profile``): convolutions,
+              attention, GroupNorm, the loss, data, the optimizer, at each thread count.
   pyro        the Pyro engine against the torch computation of the same estimator (target 1.5x).
   growth      the full bound's cost as T, N and the data dimension D grow.
   cuda        on a CUDA device: an MNIST-sized U-Net's training images/s and full-bound time,
@@ -35,10 +39,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .bench_baselines import HandLoop, chain_mean_field_bound
-from .runtime import tune_allocator
+from .bench_profile import COMPONENTS, conv_macs, profile_steps
+from .data.images import IDX_FILES, IDX_SOURCES
+from .runtime import set_threads, threads_note, tune_allocator
 from .distributions.discretized import quantize
 from .elbo import full_bound
 from .files import atomic_write, atomic_write_text, unwritable
@@ -47,10 +54,13 @@ from .nets import UNet, unet_for
 from .objectives import hybrid_loss, make_sampler
 from .train import TrainConfig, Trainer, build_model, build_net, check_device, wrap_precision
 
-SECTIONS = ("full_bound", "training", "pyro", "growth", "cuda")
+SECTIONS = ("full_bound", "training", "profile", "pyro", "growth", "cuda")
 TARGETS = {"full_bound": 1.2, "training": 1.05, "pyro": 1.5}
 TOY = "8gaussians"  # the 2D toy the MLP cases train on
 F32 = torch.float32  # what Trainer trains in, whatever the default dtype
+MNIST_SIZE = 28
+# where the MNIST files are looked for when --mnist-dir is not given (the project's data copy)
+MNIST_DIRS = ("../shared/data/mnist",)
 
 
 @dataclass(frozen=True)
@@ -83,13 +93,23 @@ class Settings:
     cuda_batch: int = 128
     cuda_examples: int = 8
     cuda_repeats: int = 10
+    # the MNIST U-Net's training case and profile: image size (28: the MNIST files if found),
+    # the image default batch, one iteration per call (~3 s on a CPU core)
+    mnist_size: int = MNIST_SIZE
+    mnist_batch: int = 64
+    mnist_segment: int = 1
+    mnist_training_repeats: int = 21
+    profile_threads: tuple[int, ...] = (1, 2)
+    profile_steps: int = 3
 
 
 QUICK = Settings(repeats=1, training_repeats=1, slow_training_repeats=1, timesteps=20,
                  mlp_examples=4, unet_examples=1, mnist_examples=1, mnist_repeats=1, batch=16, unet_batch=2, segment=2,
                  unet_segment=1, trajectory_segment=1, pyro_batch=2, pyro_segment=1,
                  growth_timesteps=(10, 20), growth_examples=(1, 2), growth_dims=(1, 2),
-                 growth_n=2, growth_repeats=1, cuda_batch=4, cuda_examples=1, cuda_repeats=2)
+                 growth_n=2, growth_repeats=1, cuda_batch=4, cuda_examples=1, cuda_repeats=2,
+                 mnist_size=8, mnist_batch=2, mnist_segment=1, mnist_training_repeats=1,
+                 profile_threads=(1,), profile_steps=1)
 
 
 # -- timing ------------------------------------------------------------------------------------
@@ -256,18 +276,58 @@ def trainer_vs(cfg: TrainConfig, root: Path, name: str, k: int, baseline: Callab
             "T": cfg.timesteps, "iterations_per_call": k}
 
 
-def bench_training(s: Settings, device, root: Path) -> list[dict]:
+def _has_idx_files(folder: Path) -> bool:
+    """Whether ``folder`` (or its torchvision layout) holds the four MNIST IDX files."""
+    dirs = (folder, folder / IDX_SOURCES["mnist"][0] / "raw")
+    return all(any((d / (f + s)).is_file() for d in dirs for s in ("", ".gz")) for f in IDX_FILES)
+
+
+def _random_idx(folder: Path, size: int, train: int = 4096, test: int = 16) -> None:
+    """MNIST-like IDX files of uniformly random ``size`` x ``size`` 8-bit images and labels."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for stem in IDX_FILES:
+        n = train if stem.startswith("train") else test
+        images = "images" in stem
+        arr = rng.integers(0, 256 if images else 10, (n, size, size) if images else (n,),
+                           dtype=np.uint8)
+        header = (2051 if images else 2049).to_bytes(4, "big")
+        header += b"".join(d.to_bytes(4, "big") for d in arr.shape)
+        (folder / stem).write_bytes(header + arr.tobytes())
+
+
+def mnist_data(root: Path, size: int, mnist_dir: str | None = None) -> tuple[str, str]:
+    """A folder of MNIST IDX files at ``size`` x ``size`` and what it holds: the MNIST files
+    (``mnist_dir``, else the first of ``MNIST_DIRS`` that holds them) when ``size`` is theirs,
+    28; otherwise random images on the 256-level grid written under ``root``, so the benchmark
+    needs no data files. Only the images' shape matters to the timing."""
+    candidates = (mnist_dir,) if mnist_dir else MNIST_DIRS
+    found = [Path(d) for d in candidates if _has_idx_files(Path(d))]
+    if size == MNIST_SIZE and found:
+        return str(found[0]), f"the MNIST files in {found[0]}"
+    folder = root / f"random-mnist-{size}"
+    if not _has_idx_files(folder):
+        _random_idx(folder, size)
+    return str(folder), f"random {size}x{size} images on the 256-level grid (MNIST's shape)"
+
+
+def bench_training(s: Settings, device, root: Path, mnist_dir: str | None = None) -> list[dict]:
     common = dict(timesteps=s.timesteps, iterations=10**9, train_size=20_000, test_size=100,
                   device=str(device))
-    cases = [("MLP 3x128, 2D toy", TOY, obj, s.batch, s.segment, s.training_repeats)
+    cases = [("MLP 3x128, 2D toy", TOY, obj, s.batch, s.segment, s.training_repeats, {})
              for obj in ("simple", "vlb", "hybrid")]
     cases += [("MLP 3x128, 2D toy", TOY, "trajectory", s.batch, s.trajectory_segment,
-               s.slow_training_repeats)]
+               s.slow_training_repeats, {})]
     cases += [("U-Net, 8x8 digits", "digits", obj, s.unet_batch, s.unet_segment,
-               s.slow_training_repeats) for obj in ("simple", "hybrid")]
+               s.slow_training_repeats, {}) for obj in ("simple", "hybrid")]
+    # the image default objective (hybrid) on the default MNIST U-Net
+    folder, held = mnist_data(root, s.mnist_size, mnist_dir)
+    cases += [(f"U-Net, {s.mnist_size}x{s.mnist_size} MNIST", "mnist", "hybrid", s.mnist_batch,
+               s.mnist_segment, s.mnist_training_repeats, {"data_dir": folder, "data": held})]
     out = []
-    for case, data, objective, batch, k, repeats in cases:
-        cfg = TrainConfig.for_data(data, objective=objective, batch_size=batch, **common)
+    for case, data, objective, batch, k, repeats, extra in cases:
+        cfg = TrainConfig.for_data(data, objective=objective, batch_size=batch,
+                                   data_dir=extra.get("data_dir"), **common)
         trainer = _trainer(cfg, root, f"{data}-{objective}")
         net = build_net(cfg, trainer.event_shape).to(device, F32)
         net.load_state_dict(trainer.net.state_dict())
@@ -275,7 +335,41 @@ def bench_training(s: Settings, device, root: Path) -> list[dict]:
         # TrainerSegments moves the trainer's cfg.iterations
         result = trainer_vs(cfg, root, case, k, lambda: hand.run(k), repeats=repeats,
                             device=device, trainer=trainer)
+        result |= {"examples_per_s": batch / result["seconds"],
+                   "baseline_examples_per_s": batch / result["baseline_seconds"],
+                   "shape": list(trainer.event_shape)}
+        if "data" in extra:
+            result["data"] = extra["data"]
         out.append(_judge({"case": case, "objective": objective, **result}, TARGETS["training"]))
+        del trainer, hand, net  # the MNIST U-Net's weights, optimizer and data: ~0.3 GB
+    return out
+
+
+# -- b': where an MNIST training step goes ------------------------------------------------------
+
+def bench_profile(s: Settings, device, root: Path, mnist_dir: str | None = None) -> dict:
+    """``bench_profile.profile_steps`` on the default MNIST U-Net's ``Trainer`` (hybrid objective,
+    the image defaults) at each of ``s.profile_threads``: milliseconds per step by component."""
+    if device.type != "cpu":
+        return {"skipped": "the profile charges each op its CPU time: it measures CPU training"}
+    folder, held = mnist_data(root, s.mnist_size, mnist_dir)
+    cfg = TrainConfig.for_data("mnist", data_dir=folder, batch_size=s.mnist_batch,
+                               timesteps=s.timesteps, iterations=1, device=str(device))
+    trainer = _trainer(cfg, root, "profile")
+    net = trainer.net
+    like = trainer.train_x[:1]
+    out = {"data": held, "batch": cfg.batch_size, "objective": cfg.objective,
+           "shape": list(trainer.event_shape),
+           "parameters": sum(p.numel() for p in net.parameters()),
+           "base_channels": net.down[0][0].out_channels, "conv_macs": conv_macs(net, like),
+           "steps": s.profile_steps, "runs": []}
+    before = torch.get_num_threads()
+    try:
+        for threads in s.profile_threads:
+            torch.set_num_threads(threads)
+            out["runs"].append({"threads": threads, **profile_steps(trainer, s.profile_steps)})
+    finally:
+        torch.set_num_threads(before)
     return out
 
 
@@ -390,6 +484,7 @@ def machine() -> dict:
     except OSError:
         pass
     info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "threads_note": threads_note(),
             "torch": torch.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "load_average": list(os.getloadavg())}
     if torch.cuda.is_available():
@@ -414,6 +509,56 @@ def _fastest(r: dict) -> str:
     return f"{r['fastest_ratio']:.3f}" if "fastest_ratio" in r else "–"  # older reports: none
 
 
+def _per_s(r: dict) -> str:
+    if "examples_per_s" not in r:  # older reports
+        return "–"
+    return f"{r['examples_per_s']:.3g}, {r['baseline_examples_per_s']:.3g}"
+
+
+def _profile_markdown(p: dict) -> list[str]:
+    lines = ["## Where an MNIST training step goes", ""]
+    if "skipped" in p:
+        return lines + [f"Skipped: {p['skipped']}.", ""]
+    C, H, W = p["shape"]
+    runs = p["runs"]
+    threads = " and ".join(str(r["threads"]) for r in runs)
+    plural = lambda n, word: f"{n} {word}{'s' if n != 1 else ''}"  # noqa: E731
+    lines += [f"One `Trainer` iteration of the default MNIST U-Net (`unet_for({H}, {C})`, base "
+              f"width {p['base_channels']}, {p['parameters'] / 1e6:.2f} M parameters, "
+              f"{p['conv_macs'] / 1e6:.0f} M multiply-adds of convolution per image forward), "
+              f"{p['objective']} objective, batch {p['batch']}, under `torch.profiler` at "
+              f"{threads} {'thread' if threads == '1' else 'threads'}, "
+              f"{plural(p['steps'], 'step')} each after one warm-up; data: "
+              f"{p['data']}. `pdiff.bench_profile` charges every op its self time: module "
+              "scopes for the network's parts, the autograd node's forward op for each backward "
+              "op, scopes around the batch, the loss, clipping and the EMA. To rerun it alone: "
+              "`python -m pdiff.bench_profile --data mnist --data-dir ../shared/data/mnist "
+              "--threads 1`.", "",
+              "| component | " + " | ".join(f"{plural(r['threads'], 'thread')}: ms/step | share"
+                                           for r in runs) + " |",
+              "|---|" + "---|---|" * len(runs)]
+    names = list(COMPONENTS) + ["unrecorded"]
+    for name in names:
+        cells = []
+        for r in runs:
+            ms = r["unrecorded"] if name == "unrecorded" else r["components"][name]
+            cells.append(f"{1e3 * ms:.1f} | {100 * ms / r['wall_seconds']:.1f}%")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("| **step (wall)** | " + " | ".join(
+        f"**{1e3 * r['wall_seconds']:.0f}** | {p['batch'] / r['wall_seconds']:.1f} images/s"
+        for r in runs) + " |")
+    first = runs[0]
+    conv = first["components"]["convolution"]
+    gflops = 3 * 2 * p["conv_macs"] * p["batch"] / conv / 1e9 if conv > 0 else float("nan")
+    lines += ["", f"At {plural(first['threads'], 'thread')} the convolutions ran at about "
+              f"{gflops:.0f} GFLOP/s (three times the forward multiply-adds: the forward pass and "
+              "both gradients). The row unrecorded is the step's wall time outside any op: Python "
+              "between ops and the profiler's own cost. Other jobs on the machine add time to "
+              "every component (see the load average above), and to the small ops most at more "
+              "than one thread, whose threads wait for each other.", ""]
+    return lines
+
+
 def _met(r: dict) -> str:
     return "met" if r["met"] else "**not met**"
 
@@ -434,16 +579,25 @@ def markdown(report: dict) -> str:
     m, sec = report["machine"], report["sections"]
     lines = ["# Benchmarks", "",
              f"Produced by `{report['command']}` on {report['date']}.", "",
-             f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, torch {m['torch']} with "
-             f"{m['torch_threads']} threads, Python {m['python']}"
+             f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, torch {m['torch']} "
+             + (m["threads_note"] if "threads_note" in m else f"with {m['torch_threads']} threads")
+             + f", Python {m['python']}"
              + (f", GPU {m['gpu']}" if "gpu" in m else "") + "; load average "
              f"{m['load_average'][0]:.2f} at the start, {report['load_average_end'][0]:.2f} at the "
-             "end (other jobs add noise to every figure).", "",
-             "Every figure is a ratio to a baseline timed in the same run: the two alternate (one "
-             "warm-up call each, the order reversed every round) and the ratio is the median of "
-             "the per-round ratios; in brackets, a 95% confidence interval for that median (order "
-             "statistics, no assumption on the noise; `bench.median_interval`). A target counts "
-             "as met when the median ratio is at or below it. Times are medians.", ""]
+             "end (other jobs add noise to every figure).", ""]
+    if report.get("included"):
+        dates: dict[str, list[str]] = {}
+        for name, date in report["included"].items():
+            dates.setdefault(date, []).append(name)
+        here = [n for n in sec if n not in report["included"]]
+        merged = "; ".join(f"{', '.join(names)} on {date}" for date, names in dates.items())
+        lines += [f"Measured in this run: {', '.join(here) or 'none'}. Merged from earlier "
+                  f"reports (`--include-json`), measured under their own load: {merged}.", ""]
+    lines += ["Every figure is a ratio to a baseline timed in the same run: the two alternate (one "
+              "warm-up call each, the order reversed every round) and the ratio is the median of "
+              "the per-round ratios; in brackets, a 95% confidence interval for that median "
+              "(order statistics, no assumption on the noise; `bench.median_interval`). A target "
+              "counts as met when the median ratio is at or below it. Times are medians.", ""]
     if "full_bound" in sec:
         lines += ["## Full-bound evaluation against the bare network", "",
                   "`elbo.full_bound` (every term of the bound for N examples, the N x T pairs in "
@@ -466,19 +620,34 @@ def markdown(report: dict) -> str:
                   "`bench.HandLoop`, the same arithmetic written directly in torch with the same "
                   "network, batch, AdamW, clipping and EMA. Target: ≤ "
                   f"{100 * (TARGETS['training'] - 1):.0f}% overhead.", "",
-                  "| case | objective | batch | Trainer (ms/it) | hand loop (ms/it) | ratio | "
-                  "overhead | fastest calls' ratio | target |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| case | objective | batch | Trainer (ms/it) | hand loop (ms/it) | "
+                  "examples/s (Trainer, hand loop) | ratio | overhead | fastest calls' ratio | "
+                  "target |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['case']} | {r['objective']} | {r['batch']} | {_ms(r['seconds'])} | "
-                  f"{_ms(r['baseline_seconds'])} | {_ratio(r)} | {100 * (r['ratio'] - 1):+.1f}% | "
-                  f"{_fastest(r)} | {_met(r)} |" for r in rows]
-        lines += ["", "The fastest calls' ratio is a second estimator of the same overhead: each "
-                  "side's fastest call over all rounds, the one other jobs disturbed least. The "
-                  "target is judged on the median ratio."]
-        if rows:
-            lines += ["", f"A checkpoint took {rows[0]['checkpoint_seconds']:.3g} s "
-                      f"(amortized over {rows[0]['checkpoint_every']} iterations)."]
+                  f"{_ms(r['baseline_seconds'])} | {_per_s(r)} | {_ratio(r)} | "
+                  f"{100 * (r['ratio'] - 1):+.1f}% | {_fastest(r)} | {_met(r)} |" for r in rows]
+        lines += ["", "Examples are points for the toy and images for the U-Nets (images/s). The "
+                  "fastest calls' ratio is a second estimator of the same overhead: each side's "
+                  "fastest call over all rounds, the one other jobs disturbed least. The target "
+                  "is judged on the median ratio."]
+        few = sorted({r["iterations_per_call"] for r in rows if r["iterations_per_call"] < 50})
+        if few:
+            lines += ["", "Each timed call ends with a log line (by default every 50 steps) and "
+                      "the finiteness check of the weights that precedes a checkpoint (every "
+                      f"1000): the cases of {' or '.join(map(str, few))} iterations per call pay "
+                      "them more often than training does, against the Trainer."]
+        for r in rows:
+            if "data" in r:
+                lines += ["", f"The case {r['case']} trains on {r['data']}."]
+        checkpoints = {r["case"]: r for r in rows}  # one per network
+        if checkpoints:
+            lines += ["", "A checkpoint took " + ", ".join(
+                f"{r['checkpoint_seconds']:.3g} s ({case})" for case, r in checkpoints.items())
+                + f", amortized over {rows[0]['checkpoint_every']} iterations."]
         lines.append("")
+    if "profile" in sec:
+        lines += _profile_markdown(sec["profile"])
     if "pyro" in sec:
         rows = sec["pyro"]
         lines += ["## The Pyro engine against torch", "",
@@ -613,6 +782,23 @@ def _device(text: str) -> torch.device:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--threads takes an integer >= 1, got {text!r}")
+    return value
+
+
+def _mnist_dir(text: str) -> str:
+    if not _has_idx_files(Path(text)):
+        raise argparse.ArgumentTypeError(f"--mnist-dir {text!r} does not hold the four MNIST IDX "
+                                         f"files ({', '.join(IDX_FILES)}, plain or .gz)")
+    return text
+
+
 def _report(path: str) -> dict:
     """Another run's JSON report (for ``--include-json``), read before anything is measured."""
     try:
@@ -641,6 +827,13 @@ def parser(prog: str = "python -m pdiff.bench") -> argparse.ArgumentParser:
     p.add_argument("--include-json", type=_report, default=None,
                    help="merge the sections of another run's JSON that this run skips (a GPU "
                         "machine's cuda section, say)")
+    p.add_argument("--threads", type=_threads, default=None,
+                   help="torch threads (default: OMP_NUM_THREADS if set, else the cores this "
+                        "process may use)")
+    p.add_argument("--mnist-dir", type=_mnist_dir, default=None,
+                   help="folder of the MNIST IDX files for the MNIST U-Net's cases (default: "
+                        f"{', '.join(MNIST_DIRS)} if it holds them, else random images of their "
+                        "shape)")
     return p
 
 
@@ -658,7 +851,9 @@ def run(args: argparse.Namespace, command: str) -> dict:
             if name == "full_bound":
                 sec[name] = bench_full_bound(s, device)
             elif name == "training":
-                sec[name] = bench_training(s, device, root)
+                sec[name] = bench_training(s, device, root, args.mnist_dir)
+            elif name == "profile":
+                sec[name] = bench_profile(s, device, root, args.mnist_dir)
             elif name == "pyro":
                 sec[name] = bench_pyro(s, device, root)
             elif name == "growth":
@@ -666,12 +861,23 @@ def run(args: argparse.Namespace, command: str) -> dict:
             else:
                 sec[name] = {**bench_cuda(s), "date": report["date"]}
     if args.include_json:
-        other = args.include_json
-        for name, value in other["sections"].items():
-            if name not in sec or "skipped" in sec.get(name, {}):
-                sec[name] = {**value, "date": other["date"]} if isinstance(value, dict) else value
+        include(report, args.include_json)
     report["load_average_end"] = list(os.getloadavg())
     return report
+
+
+def include(report: dict, other: dict) -> None:
+    """Merge into ``report`` the sections of ``other`` that it lacks or skipped, and record in
+    ``report["included"]`` when each was measured: the date ``other`` recorded for it (it may have
+    merged it from an earlier report in turn), else ``other``'s own date."""
+    sec, included = report["sections"], report.setdefault("included", {})
+    for name, value in other["sections"].items():
+        if name in sec and "skipped" not in sec[name]:
+            continue
+        date = (other.get("included", {}).get(name)
+                or (value.get("date") if isinstance(value, dict) else None) or other["date"])
+        sec[name] = {**value, "date": date} if isinstance(value, dict) else value
+        included[name] = date
 
 
 def _unwritable(path: Path) -> str | None:
@@ -696,7 +902,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m pdiff.bench") -> 
     if problem:
         print(f"{prog}: error: {problem}", file=sys.stderr)
         return 2
-    report = run(args, prog + "".join(" " + shlex.quote(a) for a in argv))
+    threads_before = torch.get_num_threads()
+    set_threads(args.threads)  # restored below: a test calling main() keeps its own setting
+    print(f"[bench] {threads_note()}", file=sys.stderr, flush=True)
+    try:
+        report = run(args, prog + "".join(" " + shlex.quote(a) for a in argv))
+    finally:
+        torch.set_num_threads(threads_before)
     writes = []
     if "growth" in report["sections"]:
         report["figure"] = os.path.relpath(figure, md_path.parent)

@@ -25,7 +25,7 @@ from .resources import require_memory
 from .sampling import SAMPLING_METHODS
 from .run_data import is_image_data, test_points
 from . import distributed
-from .runtime import tune_allocator
+from .runtime import set_threads, threads_note, tune_allocator
 from .train import (IMAGE_DEFAULTS, PRECISIONS, TrainConfig, Trainer, TrainingError,
                     check_device, load_run, wrap_precision)
 from .oracle import MixtureDenoiser
@@ -315,7 +315,8 @@ def _evaluate_checkpoint(args) -> int:
     _require_finite(report, lambda: _checkpoint_reason(report, x, run))
     config = asdict(cfg) | {"denoiser": "checkpoint", "checkpoint": str(args.checkpoint),
                             "step": run.step, "eval_seed": args.seed, "eval_precision": args.precision,
-                            "eval_processes": distributed.world_size()}
+                            "eval_processes": distributed.world_size(),
+                            "threads": torch.get_num_threads()}
     if distributed.is_main():
         print(_json(report | config) if args.json else _summary(report, config))
     return 0
@@ -370,7 +371,9 @@ def _summary(r: dict, cfg: dict) -> str:
     schedule = f"--betas {cfg['betas']}" if cfg.get("betas") else f"{cfg['schedule']} schedule"
     lines = [f"{cfg['data']}: {what}, {schedule}, T = "
              f"{cfg['timesteps']}, variance {cfg['variance']}, decoder variance "
-             f"{cfg['decoder_variance']}, rescale {cfg['rescale']}, {r['num_samples']} test points",
+             f"{cfg['decoder_variance']}, rescale {cfg['rescale']}, {r['num_samples']} test points"
+             + (f", {cfg['threads']} thread{'s' if cfg['threads'] != 1 else ''}"
+                if "threads" in cfg else ""),
              f"  bound on -log p(x):  {_f(r['nll_nats'])} +- {_stderr(r['nll_stderr'])} nats "
              f"({_f(r['bits_per_dim'])} bits/dim, D = {r['dim']})",
              f"  prior term L_T:      {r['prior_nats']:.3g} nats"]
@@ -697,7 +700,8 @@ def cmd_train(args) -> int:
         _report(f"pdiff train: error: {e}", e)
         return 1
     if distributed.is_main():
-        print(json.dumps({"out": str(args.out), "step": trainer.step} | last))
+        print(json.dumps({"out": str(args.out), "step": trainer.step} | last
+                         | {"threads": torch.get_num_threads(), "threads_note": threads_note()}))
     return 0
 
 
@@ -1042,6 +1046,9 @@ def main(argv: list[str] | None = None) -> int:
         return bench_main(argv[1:], prog="pdiff bench")
     args = parser.parse_args(argv)
     args.command_line = "pdiff " + " ".join(shlex.quote(a) for a in argv)
+    # torch's threads from the cores this process may use (its affinity and cgroup quota, or
+    # OMP_NUM_THREADS); the outputs say how many (runtime.threads_note)
+    set_threads()
     warnings.formatwarning = lambda message, category, *_: f"pdiff {args.command}: warning: {message}\n"
     try:
         if distributed.launched() and args.command not in ("train", "evaluate"):

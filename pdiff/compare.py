@@ -444,7 +444,7 @@ def run_grid(spec: GridSpec, out: str | Path, *, jobs: int = 1, resume: bool = F
             if on_result:
                 on_result(records[name], len(records), len(runs))
     else:
-        threads = max(1, (os.cpu_count() or 1) // jobs)
+        threads = max(1, torch.get_num_threads() // jobs)  # the cores this process may use
         with worker_pool(jobs, tune=allocator_tuned()) as pool:
             try:
                 with sigint_held():  # the workers are spawned by submit
@@ -685,6 +685,7 @@ def machine_info() -> dict:
     return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "python": platform.python_version(), "torch": torch.__version__,
             "platform": platform.platform(), "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 

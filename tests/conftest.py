@@ -1,9 +1,14 @@
 """Test policy: float64, distribution validation on, a fixed seed; tolerances in tests/stats.py."""
+import os
+
 import pytest
 import torch
 from torch.distributions import Distribution
 
-# Tests use small tensors: one thread avoids stalls when the machine's two cores are shared.
+# Tests use small tensors: one thread avoids stalls when the machine's two cores are shared. The
+# command line sets its threads from OMP_NUM_THREADS when given (runtime.set_threads), so the
+# commands the tests run in this process, and their subprocesses, keep to one as well.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pdiff import bench, bench_baselines
+from pdiff import bench, bench_baselines, bench_profile
 
 
 def _timings(rows):
@@ -21,12 +21,24 @@ def _timings(rows):
 def test_quick_run_writes_every_section(tmp_path):
     out_json, out_md = tmp_path / "b.json", tmp_path / "docs" / "benchmarks.md"
     argv = ["--quick", "--out-json", str(out_json), "--out-md", str(out_md)]
+    threads = torch.get_num_threads()
     assert bench.main(argv) == 0
+    assert torch.get_num_threads() == threads  # the bench's setting does not outlive it
     report = json.loads(out_json.read_text())
     sections = report["sections"]
     assert set(sections) == set(bench.SECTIONS)
     assert [r["objective"] for r in sections["training"]] == [
-        "simple", "vlb", "hybrid", "trajectory", "simple", "hybrid"]
+        "simple", "vlb", "hybrid", "trajectory", "simple", "hybrid", "hybrid"]
+    mnist = sections["training"][-1]  # quick: random images at 8x8, the files need not exist
+    assert mnist["shape"] == [1, 8, 8] and mnist["data"].startswith("random 8x8 images")
+    assert all(r["examples_per_s"] > 0 and r["baseline_examples_per_s"] > 0
+               for r in sections["training"])
+    profile = sections["profile"]
+    assert [r["threads"] for r in profile["runs"]] == [1] and profile["conv_macs"] > 0
+    for run in profile["runs"]:
+        assert list(run["components"]) == list(bench_profile.COMPONENTS)
+        assert all(v >= 0 for v in run["components"].values())
+        assert run["components"]["convolution"] > 0 and run["wall_seconds"] > 0
     assert [r["estimator"] for r in sections["pyro"]] == ["trajectory", "vlb"]
     for name in ("full_bound", "training", "pyro"):
         _timings(sections[name])
@@ -39,7 +51,8 @@ def test_quick_run_writes_every_section(tmp_path):
     assert report["machine"]["torch"] and report["date"]
     md = out_md.read_text()
     assert report["command"] in md and report["command"].startswith("python -m pdiff.bench --quick")
-    for title in ("Full-bound evaluation", "Training overhead", "Pyro engine", "grows", "GPU"):
+    for title in ("Full-bound evaluation", "Training overhead", "Where an MNIST training step",
+                  "Pyro engine", "grows", "GPU"):
         assert title in md
     assert (out_md.parent / report["figure"]).is_file()
     assert not list(tmp_path.rglob("*.tmp"))  # written atomically, nothing left behind
@@ -63,6 +76,8 @@ def test_only_and_bad_names(tmp_path, capsys):
         (["--set", "growth_dims=2,x"], "growth_dims takes comma-separated integers"),
         (["--set", "repeats=0"], "'repeats=0': repeats must be >= 1"),
         (["--device", "tpu"], "unknown device 'tpu'; valid: cpu, cuda, cuda:N"),
+        (["--threads", "0"], "--threads takes an integer >= 1, got '0'"),
+        (["--mnist-dir", str(tmp_path)], "does not hold the four MNIST IDX files"),
         (["--include-json", str(tmp_path / "missing.json")], "cannot read"),
         (["--include-json", str(bad_json)], "is not a pdiff bench report"),
     ]:
@@ -144,6 +159,24 @@ def test_include_json_takes_the_sections_this_run_skips(tmp_path):
         assert "NVIDIA H200, measured 2026-01-01 00:00 UTC" in md.read_text()
         assert "training 2.50x the images/s, full bound 2.50x as fast" in md.read_text()
     assert [r["T"] for r in sections["growth"]["T"]] == [5]
+    report = json.loads(out.read_text())
+    if not torch.cuda.is_available():
+        assert report["included"] == {"cuda": "2026-01-01 00:00 UTC"}
+        assert ("Measured in this run: growth. Merged from earlier reports (`--include-json`), "
+                "measured under their own load: cuda on 2026-01-01 00:00 UTC.") in md.read_text()
+
+
+def test_include_keeps_when_each_section_was_measured():
+    """A report merged twice: each section keeps the date it was measured on, not the date of the
+    report it was merged from."""
+    first = {"date": "day 1", "sections": {"pyro": [], "growth": {"T": []}}}
+    second = {"date": "day 2", "sections": {"full_bound": []}}
+    bench.include(second, first)
+    assert second["included"] == {"pyro": "day 1", "growth": "day 1"}
+    third = {"date": "day 3", "sections": {"training": []}}
+    bench.include(third, second)
+    assert third["included"] == {"full_bound": "day 2", "pyro": "day 1", "growth": "day 1"}
+    assert third["sections"]["growth"]["date"] == "day 1"
 
 
 @pytest.mark.parametrize("objective,image", [("simple", False), ("vlb", False), ("hybrid", False),
@@ -225,3 +258,70 @@ def test_versus_estimators():
     r = bench.versus({"a": [2.0, 6.0, 4.0], "b": [1.0, 4.0, 1.0]}, "a", "b", per=2)
     assert r["ratio"] == 2.0 and r["ratio_range"] == [1.5, 4.0] and r["repeats"] == 3
     assert r["fastest_ratio"] == 2.0 and r["seconds"] == 2.0 and r["baseline_seconds"] == 0.5
+
+
+def _idx_folder(folder, size):
+    bench._random_idx(folder, size, train=8, test=2)
+    return folder
+
+
+def test_mnist_data_takes_the_files_at_their_size_else_random(tmp_path):
+    """The MNIST case trains on the files where they are and the size is theirs (28); at another
+    size, or without the files, on random images of that size, which the loader reads as MNIST."""
+    from pdiff.data import load_images
+
+    real = _idx_folder(tmp_path / "real", 28)
+    assert bench.mnist_data(tmp_path / "work", 28, str(real)) == (
+        str(real), f"the MNIST files in {real}")
+    for size, where in ((8, str(real)), (28, str(tmp_path / "missing"))):
+        folder, held = bench.mnist_data(tmp_path / "work", size, where)
+        assert folder != str(real) and held.startswith(f"random {size}x{size} images")
+        images = load_images("mnist", data_dir=folder)
+        assert images.train.shape[1:] == (1, size, size) and images.num_levels == 256
+
+
+def test_profile_charges_backward_ops_to_their_forward_components():
+    """Under the profiler, a U-Net's forward and backward: every op inside an autograd node made
+    by a convolution, GroupNorm or SiLU is charged to that component, nothing to the trainer, and
+    the charged self times add up to the profile's total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from pdiff.nets import UNet, unet_for
+
+    torch.manual_seed(0)
+    net = UNet(**unet_for(8, 1, base_channels=8))
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([1, 5])
+    with bench_profile.marked(net), profile(activities=[ProfilerActivity.CPU]) as prof:
+        net(x, t).square().mean().backward()
+    events = prof.events()
+    charged = bench_profile.charge(events)
+    expect = {"ConvolutionBackward0": {"convolution", "attention"},  # attention: 1x1 conv1d
+              "NativeGroupNormBackward0": {"groupnorm"}, "SiluBackward0": {"silu"},
+              "BmmBackward0": {"attention"}}
+    seen = set()
+    for e, comp in zip(events, charged):
+        node = bench_profile._backward_node(e)
+        name = node.name.rsplit(": ", 1)[-1] if node is not None else None
+        if name in expect:
+            assert comp in expect[name], (e.name, name, comp)
+            seen.add(name)
+    assert seen == set(expect)
+    # the loss here is outside any scope: its ops and their backward alone are the trainer's
+    for e, comp in zip(events, charged):
+        node = bench_profile._backward_node(e)
+        if comp == "trainer other" and node is not None:
+            assert node.name.endswith(("PowBackward0", "MeanBackward0")), (e.name, node.name)
+    totals = bench_profile.breakdown(events)
+    assert sum(totals.values()) == pytest.approx(sum(e.self_cpu_time_total for e in events) / 1e6)
+    assert totals["attention"] > 0 and totals["data"] == 0
+
+
+def test_profile_command_runs(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    assert bench_profile.main(["--data", "digits", "--channels", "8", "--batch-size", "2",
+                               "--threads", "1", "--steps", "1", "--timed", "1",
+                               "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| convolution |" in printed and "using 1 thread" in printed
+    result = json.loads(out.read_text())
+    assert result["wall_seconds"] > 0 and len(result["timed_seconds"]) == 1
