@@ -116,7 +116,7 @@ class ContinuousDenoiser:
 
     def __call__(self, xt: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """eps_hat, shape of ``xt``; ``u`` has its batch shape (or broadcasts to it)."""
-        m, d = self.model, self.model.event_dims
+        d = self.model.event_dims
         batch = xt.shape[: xt.dim() - d]
         u = torch.as_tensor(u, device=xt.device).expand(batch)
         lam = self.log_snr(u).to(xt.dtype)

@@ -215,3 +215,25 @@ def trajectory_bound(model: ReverseProcess, x0: torch.Tensor, *,
 def bits_per_dim(nats: torch.Tensor | float, num_dims: int):
     """nats / (D ln 2)."""
     return nats / (num_dims * math.log(2))
+
+
+def nll_summary(total: torch.Tensor, entropy: tuple[float | None, float | None] = (None, None),
+                data_log_prob: torch.Tensor | None = None):
+    """(nll, stderr, gap, gap_stderr) of per-example estimates ``total`` of -log p(x), shape (N,):
+    the mean and its standard error (None for one example, never NaN), and the gap to the data
+    entropy: paired, the mean of total + log p_data(x) over the same points, where
+    ``data_log_prob`` is given; else nll - H with the two standard errors combined; else None."""
+    total = total.double()
+    n = total.shape[0]
+    nll = total.mean().item()
+    stderr = total.std().item() / math.sqrt(n) if n > 1 else None
+    h, h_se = entropy
+    if data_log_prob is not None:
+        diff = total + data_log_prob.to(total)
+        gap, gap_se = diff.mean().item(), (diff.std().item() / math.sqrt(n) if n > 1 else None)
+    elif h is not None:
+        gap = nll - h
+        gap_se = None if stderr is None or h_se is None else math.sqrt(stderr**2 + h_se**2)
+    else:
+        gap = gap_se = None
+    return nll, stderr, gap, gap_se

@@ -9,7 +9,7 @@ import torch
 
 from . import distributed
 from .distributions.reverse import ReverseProcess
-from .elbo import Bound, bits_per_dim, full_bound, stratified_bound
+from .elbo import Bound, bits_per_dim, full_bound, nll_summary, stratified_bound
 from .resources import GiB, available_memory
 
 # bytes of float64 the bound holds per (example, step) pair of a chunk, per data dimension: x_0,
@@ -85,19 +85,9 @@ def bound_report(model: ReverseProcess, x: torch.Tensor, *, log_jacobian: float 
     bound = sharded_bound(model, x, chunk_size=chunk_size, generator=generator,
                           timestep_samples=timestep_samples, progress=progress)
     total = bound.total.double() - log_jacobian
-    n = total.shape[0]
-    nll = total.mean().item()
-    stderr = (total.std().item() / math.sqrt(n)) if n > 1 else None
-    dim = x[0].numel()
+    n, dim = total.shape[0], x[0].numel()
     h, h_se = entropy
-    if data_log_prob is not None:
-        diff = total + data_log_prob.to(total)
-        gap, gap_se = diff.mean().item(), (diff.std().item() / math.sqrt(n) if n > 1 else None)
-    elif h is not None:
-        gap = nll - h
-        gap_se = None if stderr is None or h_se is None else math.sqrt(stderr**2 + h_se**2)
-    else:
-        gap = gap_se = None
+    nll, stderr, gap, gap_se = nll_summary(total, entropy, data_log_prob)
     terms = None if timestep_samples else bound.terms.double().mean(0).tolist()
     return BoundReport(nll_nats=nll, nll_stderr=stderr, bits_per_dim=bits_per_dim(nll, dim),
                        prior_nats=bound.prior.double().mean().item(),
@@ -240,8 +230,8 @@ def continuous_report(model: ReverseProcess, x: torch.Tensor, *, log_jacobian: f
                          log_snr=log_snr)
     total = b.total.double() - log_jacobian
     n, dim = total.shape[0], x[0].numel()
-    nll = total.mean().item()
-    return {"nll_nats": nll, "nll_stderr": total.std().item() / math.sqrt(n) if n > 1 else None,
+    nll, stderr, _, _ = nll_summary(total)
+    return {"nll_nats": nll, "nll_stderr": stderr,
             "bits_per_dim": bits_per_dim(nll, dim), "prior_nats": b.prior.double().mean().item(),
             "decoder_nats": b.decoder.double().mean().item(),
             "diffusion_nats": b.diffusion.double().mean().item(), "num_u": num_u,

@@ -44,7 +44,7 @@ from typing import Callable
 import torch
 
 from .distributions.reverse import ReverseProcess
-from .continuous import ContinuousDenoiser, LearnedLogSNR, alpha_sigma
+from .continuous import ContinuousDenoiser, DiscreteLogSNR, LearnedLogSNR, alpha_sigma
 from .elbo import _step_term, prior_term, sample_xt, trajectory_bound
 from .parameterization import posterior_mean, v_from_x0_eps
 from .weighting import step_weights_like

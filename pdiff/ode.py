@@ -51,9 +51,9 @@ import numpy as np
 import torch
 from scipy.integrate import solve_ivp
 
-from .continuous import ContinuousDenoiser, alpha_sigma
+from .continuous import ContinuousDenoiser
 from .distributions.reverse import ReverseProcess
-from .elbo import _num_examples, bits_per_dim
+from .elbo import _num_examples, bits_per_dim, nll_summary
 
 DIVERGENCES = ("auto", "exact", "hutchinson")
 METHODS = ("RK45", "RK23", "DOP853")
@@ -285,17 +285,8 @@ def ode_report(model: ReverseProcess, x: torch.Tensor, *, log_jacobian: float = 
         bar.close()
     total = r.nll - log_jacobian
     n, dim = total.shape[0], x[0].numel()
-    nll = total.mean().item()
-    stderr = total.std().item() / math.sqrt(n) if n > 1 else None
     h, h_se = entropy
-    if data_log_prob is not None:
-        diff = total + data_log_prob.to(total)
-        gap, gap_se = diff.mean().item(), (diff.std().item() / math.sqrt(n) if n > 1 else None)
-    elif h is not None:
-        gap = nll - h
-        gap_se = None if stderr is None or h_se is None else math.sqrt(stderr**2 + h_se**2)
-    else:
-        gap = gap_se = None
+    nll, stderr, gap, gap_se = nll_summary(total, entropy, data_log_prob)
     return ODEReport(nll_nats=nll, nll_stderr=stderr, bits_per_dim=bits_per_dim(nll, dim),
                      prior_nats=r.prior.mean().item(), log_jacobian_nats=log_jacobian,
                      dequantization="uniform" if model.decoder_type == "discretized" else None,
