@@ -181,10 +181,6 @@ class TrainConfig:
         if self.betas and any(getattr(self, n) is not None for n in ("beta_start", "beta_end")):
             raise ValueError("--betas gives every beta_t: drop --beta-start / --beta-end")
         self.unet_options()  # the U-Net's options parse
-        if not self.betas:  # the schedule's options give a schedule (a file is read by Trainer);
-            # checked at T <= 10^4 (a larger T is refused by the memory check, not built here)
-            make_schedule(self.schedule, min(self.timesteps, 10_000), warn=False,
-                          **self.schedule_options())
         if self.num_heads < 1 or self.num_res_blocks < 0 or self.embedding_dim < 2:
             raise ValueError(f"need num_heads >= 1, num_res_blocks >= 0 (0: the default) and "
                              f"embedding_dim >= 2, got {self.num_heads}, {self.num_res_blocks}, "
@@ -218,6 +214,10 @@ class TrainConfig:
                      "depth", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.betas:  # the schedule's options give a schedule (a file is read by Trainer);
+            # checked at T <= 10^4 (a larger T is refused by the memory check, not built here)
+            make_schedule(self.schedule, min(self.timesteps, 10_000), warn=False,
+                          **self.schedule_options())
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
