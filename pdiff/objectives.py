@@ -289,9 +289,7 @@ def continuous_loss(model: ReverseProcess, x0: torch.Tensor, *, sampler=None,
 
     With a ``LearnedLogSNR``, gradient hooks turn the schedule's gradient into that of the mean
     squared loss (VDM sec. 5.2: the schedule minimizes the estimator's variance, not its mean),
-    while the network gets the gradient of the loss itself. Returns ``objectives.LossOutput``."""
-    from .objectives import LossOutput
-
+    while the network gets the gradient of the loss itself."""
     N, d, dev = x0.shape[0], model.event_dims, x0.device
     T = model.num_timesteps
     u_first = 1.0 / T
