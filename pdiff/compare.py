@@ -368,7 +368,8 @@ def _finished(run_dir: Path, cfg: TrainConfig, eval_samples: int, metric_samples
         return None
     try:
         saved = json.loads(ev.read_text())
-        same = json.loads(conf.read_text()) == asdict(cfg)
+        # fields the saved run predates read as their defaults (TrainConfig.from_dict)
+        same = TrainConfig.from_dict(json.loads(conf.read_text())) == cfg
     except (OSError, ValueError):
         return None
     same_eval = (saved.get("eval_samples") == eval_samples

@@ -660,6 +660,9 @@ class Trainer:
         """``ValueError`` naming each option in which ``saved`` differs from this run's (fields
         that only change how fast a run trains may differ; missing ones read as their defaults)."""
         saved = saved if isinstance(saved, dict) else {}
+        # a field the saved run predates had its default then (options are added with the
+        # default that keeps the old behaviour)
+        saved = {f.name: f.default for f in fields(TrainConfig)} | saved
         mine = asdict(self.cfg)
         differ = [k for k in mine if k not in RUNTIME_FIELDS and saved.get(k) != mine[k]]
         if differ:

@@ -162,3 +162,18 @@ def test_sampling_refusals(tmp_path, capsys):
                      str(tmp_path / "x.npy"), *extra]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x.npy").exists()
+
+
+def test_a_run_saved_before_an_option_existed_resumes(tmp_path, capsys):
+    """Options are added with the default that keeps the old behaviour: a run whose saved
+    configuration lacks one resumes (and compare --resume reuses it)."""
+    out = tmp_path / "old"
+    assert main(["train", *TINY, "--out", str(out)]) == 0
+    conf = json.loads((out / "config.json").read_text())
+    for newer in ("hybrid_weight", "channel_mults", "beta_start"):
+        del conf[newer]
+    (out / "config.json").write_text(json.dumps(conf))
+    capsys.readouterr()
+    assert main(["train", *[a if a != "5" else "8" for a in TINY], "--out", str(out),
+                 "--resume"]) == 0
+    assert load_run(out).step == 8
