@@ -20,3 +20,13 @@ def _float64_and_validation():
     torch.manual_seed(0)
     yield
     torch.set_default_dtype(old_dtype)
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` of a command a test interrupts: SIGINT delivered and handled as in a fresh
+    terminal, whatever signal state the test process has (a child inherits its signal mask and an
+    ignored disposition, and Python installs no KeyboardInterrupt handler where SIGINT is ignored)."""
+    import signal
+
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.default_int_handler)

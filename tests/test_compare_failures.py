@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import default_sigint
 import torch
 
 from pdiff import compare as C
@@ -239,7 +241,8 @@ def launch(tmp_path):
         out = tmp_path / f"out{len(started)}"
         proc = subprocess.Popen([sys.executable, "-m", "pdiff.cli", "compare", "--out", str(out),
                                  "--jobs", str(jobs), *LONG_ARGS], cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+                                preexec_fn=default_sigint)
         started.append((proc, err))
         return proc, out, err
 

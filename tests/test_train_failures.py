@@ -10,6 +10,8 @@ import time
 from dataclasses import replace
 
 import pytest
+
+from tests.conftest import default_sigint
 import torch
 
 from pdiff.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
@@ -300,7 +302,8 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "pdiff.cli", "train", *CLI_TINY, "--iterations", "1000000",
             "--checkpoint-every", "20", "--out", str(out)]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     try:
         deadline = time.time() + 120
         while not (out / CHECKPOINT).exists() and time.time() < deadline and proc.poll() is None:
