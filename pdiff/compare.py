@@ -198,13 +198,14 @@ def evaluate_run(run: Run, *, samples: int = 4000, seed: int = 0, metric_samples
         model = model.respaced(spaced_steps(model.num_timesteps, sampling_timesteps))
     model, dtype = ((model, torch.float32) if data.is_image else
                     (model.replace(net=CastNet(model.net)), torch.float64))
+    z = run.rescaling.apply(x).to(device, dtype)  # the test points in the model's units
     with torch.no_grad():
-        report = bound_report(model, run.rescaling.apply(x).to(device, dtype),
+        report = bound_report(model, z,
                               log_jacobian=run.rescaling.log_abs_det, entropy=entropy,
                               data_log_prob=log_px, chunk_size=chunk_size,
                               memory_budget=memory_budget, timestep_samples=timestep_samples,
                               progress=progress, generator=gen).to_dict()
-        report |= other_likelihoods(model, run.rescaling.apply(x).to(device, dtype), likelihoods,
+        report |= other_likelihoods(model, z, likelihoods,
                                     log_jacobian=run.rescaling.log_abs_det,
                                     continuous_samples=continuous_samples, ode_options=ode_options,
                                     memory_budget=memory_budget, log_snr=run.log_snr,
