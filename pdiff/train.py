@@ -342,13 +342,17 @@ def gather_steps(t: torch.Tensor, term: torch.Tensor) -> tuple[torch.Tensor, tor
     return pairs[:, 0].long(), pairs[:, 1]
 
 
-def build_net(cfg: TrainConfig, event_shape, num_classes: int | None = None) -> torch.nn.Module:
+def build_net(cfg: TrainConfig, event_shape, num_classes: int | None = None, *,
+              base_channels: int | None = None) -> torch.nn.Module:
     """The denoiser for data of ``event_shape``: (D,) for toys, (C, H, W) for images;
-    ``num_classes`` labels (with ``cfg.class_cond``) for a class-conditional U-Net."""
+    ``num_classes`` labels (with ``cfg.class_cond``) for a class-conditional U-Net.
+    ``base_channels``: the U-Net's width where ``cfg.channels`` is 0, instead of ``unet_for``'s
+    (a saved run's, from :func:`saved_base_channels`)."""
     mult = 2 if cfg.variance in LEARNED_VARIANCES else 1
     if is_image_data(cfg.data):
         C, H, W = event_shape
-        width = {"base_channels": cfg.channels} if cfg.channels else {}
+        base = cfg.channels or base_channels
+        width = {"base_channels": base} if base else {}
         if cfg.class_cond:
             if not num_classes:
                 raise ValueError(f"--class-cond needs class labels, and {cfg.data} has none here")
@@ -361,6 +365,17 @@ def build_net(cfg: TrainConfig, event_shape, num_classes: int | None = None) -> 
     if cfg.net == "mean_variance":
         return MeanVarianceNets(MLPDenoiser(dim, cfg.timesteps, **kw), MLPDenoiser(dim, cfg.timesteps, **kw))
     return MLPDenoiser(dim, cfg.timesteps, out_multiplier=mult, **kw)
+
+
+def saved_base_channels(cfg: TrainConfig, state: dict) -> int | None:
+    """The base width of the U-Net in checkpoint ``state`` when its ``cfg.channels`` is 0 (None for
+    toys or an explicit width): recorded in the checkpoint since unet_for's default at 17x17 to
+    32x32 became 32; an older checkpoint was built with the default of then, 64 above 16x16."""
+    if cfg.channels or not is_image_data(cfg.data):
+        return None
+    if state.get("base_channels"):
+        return int(state["base_channels"])
+    return 32 if int(state["event_shape"][-1]) <= 16 else 64
 
 
 # Lower estimates of what a run holds at once, in bytes: sizes that cannot fit are refused before
@@ -458,7 +473,8 @@ def load_run(out: str | Path, *, ema: bool = True, device: str | torch.device = 
     try:
         cfg = TrainConfig.from_dict(state["config"])
         event_shape = tuple(state["event_shape"] if "event_shape" in state else (state["dim"],))
-        net = build_net(cfg, event_shape, state.get("num_classes"))
+        net = build_net(cfg, event_shape, state.get("num_classes"),
+                        base_channels=saved_base_channels(cfg, state))
     except Exception as e:  # a configuration this version cannot build
         raise ValueError(f"checkpoint {path} holds a configuration that cannot be built: "
                          f"{e}") from None
@@ -538,7 +554,13 @@ class Trainer:
         self.train_y = data.train_labels.to(self.data_device) if cfg.class_cond else None
         if self.pinned and self.train_y is not None:
             self.train_y = self.train_y.pin_memory()
-        self.net = build_net(cfg, self.event_shape, self.num_classes).to(self.device, torch.float32)
+        # read (on rank 0, handed to all) before the network: a run saved with unet_for's older
+        # default width is rebuilt at that width
+        resume_state = distributed.on_main(self._read_resume_state) if resuming else None
+        width = saved_base_channels(cfg, resume_state) if resuming else None
+        self.net = build_net(cfg, self.event_shape, self.num_classes,
+                             base_channels=width).to(self.device, torch.float32)
+        self.base_channels = self.net.down[0][0].out_channels if isinstance(self.net, UNet) else None
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
         # the EMA pairs, listed once (state_dict loads copy into these same tensors)
         self._ema_pairs = (list(self.ema.parameters()), list(self.net.parameters()))
@@ -573,7 +595,7 @@ class Trainer:
         self.loss_sum = torch.zeros((), device=self.device)
         self.steps_since_log = 0
         if resuming:
-            self._load()
+            self._load(resume_state)
         distributed.on_main(self._open_dir)  # the first write
 
     def _open_dir(self) -> None:
@@ -632,7 +654,7 @@ class Trainer:
                 "rng": rngs, "world_size": len(rngs), "steps_since_log": self.steps_since_log,
                 "sampler": self.sampler.state_dict(), "config": asdict(self.cfg),
                 "event_shape": list(self.event_shape), "num_levels": self.num_levels,
-                "num_classes": self.num_classes,
+                "num_classes": self.num_classes, "base_channels": self.base_channels,
                 "rescale_shift": self.rescaling.shift, "rescale_scale": self.rescaling.scale,
                 **({"schedule": self.log_snr.state_dict()} if self.log_snr is not None else {}),
                 **({"betas": self.betas} if self.betas is not None else {}),
@@ -646,14 +668,6 @@ class Trainer:
         self._check_same(self.rundir.read_config(), "its configuration (config.json)")
         state = read_checkpoint(path, keys=RESUME_KEYS)
         self._check_same(state["config"], f"the configuration saved in {path}")
-        mismatch = size_mismatch(self.net, state["net"])
-        if mismatch:
-            raise ValueError(f"cannot resume from {path}: it holds a network of another size "
-                             f"({mismatch})")
-        if self.betas is not None and not torch.equal(state.get("betas", torch.empty(0)),
-                                                      self.betas):
-            raise ValueError(f"cannot resume from {path}: --betas {self.cfg.betas!r} no longer "
-                             "holds the betas the run was trained with")
         return state
 
     def _check_same(self, saved, source: str) -> None:
@@ -670,9 +684,18 @@ class Trainer:
                              + ", ".join(f"{k} (saved {saved.get(k)!r}, given {mine[k]!r})"
                                          for k in differ))
 
-    def _load(self) -> None:
+    def _load(self, state: dict) -> None:
+        """Continue from ``state``, the verified checkpoint of :meth:`_read_resume_state`, once it
+        is known to hold this run's network and betas."""
         path = self.out / CHECKPOINT
-        state = distributed.on_main(self._read_resume_state)  # read once, handed to every rank
+        mismatch = size_mismatch(self.net, state["net"])
+        if mismatch:
+            raise ValueError(f"cannot resume from {path}: it holds a network of another size "
+                             f"({mismatch})")
+        if self.betas is not None and not torch.equal(state.get("betas", torch.empty(0)),
+                                                      self.betas):
+            raise ValueError(f"cannot resume from {path}: --betas {self.cfg.betas!r} no longer "
+                             "holds the betas the run was trained with")
         try:
             self.net.load_state_dict(state["net"])
             self.ema.load_state_dict(state["ema"])

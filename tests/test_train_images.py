@@ -260,3 +260,33 @@ def test_evaluate_clip_denoised_and_a_respaced_chain(tmp_path, capsys):
     assert len(plain["terms_nats"]) == 20 and plain["sampling_timesteps"] is None
     assert main(base + ["--sampling-timesteps", "21"]) == 2
     assert "at most T = 20" in capsys.readouterr().err
+
+
+def test_a_run_saved_at_the_older_default_width_loads_and_resumes_at_it(tmp_path):
+    """Before unet_for's default width at 17x17..32x32 went from 64 to 32, a run with channels 0
+    was built 64 wide and its checkpoint did not record the width: it must still load and resume
+    at 64, while a new run records the width it was built with."""
+    from pdiff.checkpoint import read_checkpoint, save_checkpoint
+
+    out = tmp_path / "old"
+    Trainer(tiny(image_size=20, channels=64, iterations=3, checkpoint_every=3), out).train(progress=False)
+    # rewrite it as the older version saved it: channels 0 (the default) and no base_channels
+    state = read_checkpoint(out / CHECKPOINT)
+    state["config"]["channels"] = 0
+    del state["base_channels"]
+    save_checkpoint(state, out / CHECKPOINT)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(config | {"channels": 0}))
+
+    run = load_run(out)
+    assert run.model.net.down[0][0].out_channels == 64
+    resumed = Trainer(tiny(image_size=20, channels=0, iterations=6, checkpoint_every=3), out,
+                      resume=True)
+    assert resumed.net.down[0][0].out_channels == 64
+    resumed.train(progress=False)
+    assert read_checkpoint(out / CHECKPOINT)["base_channels"] == 64
+
+    new = tmp_path / "new"
+    Trainer(tiny(image_size=20, channels=0, iterations=3, checkpoint_every=3), new).train(progress=False)
+    assert read_checkpoint(new / CHECKPOINT)["base_channels"] == 32
+    assert load_run(new).model.net.down[0][0].out_channels == 32

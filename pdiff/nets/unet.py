@@ -242,13 +242,15 @@ def unet_for(image_size: int, channels: int, **overrides) -> dict:
     and 4 above (8 -> 8, 4; 28 -> 28, 14, 7; 32 -> 32, 16, 8; 64 -> 64, 32, 16, 8), with
     channel_mults (1, 2, 2, ...),
     self-attention at the lowest resolution and one ResBlock per level. base_channels is 32 up
-    to 16x16 and 64 above. ``overrides`` replace any of these (names as in ``UNet``).
+    to 32x32 and 64 above: at 28x28 width 32 trains about 3 times as fast as 64 on a CPU
+    (docs/benchmarks.md), which decides what a CPU can train in an hour. ``overrides`` replace
+    any of these (names as in ``UNet``).
     """
     levels, res, max_levels = 1, image_size, 3 if image_size <= 32 else 4
     while levels < max_levels and res % 2 == 0 and res // 2 >= 4:
         levels, res = levels + 1, res // 2
     kwargs = dict(in_channels=channels, image_size=image_size,
-                  base_channels=32 if image_size <= 16 else 64,
+                  base_channels=32 if image_size <= 32 else 64,
                   channel_mults=(1,) + (2,) * (levels - 1), num_res_blocks=1,
                   attention_resolutions=(res,))
     valid = set(inspect.signature(UNet).parameters)

@@ -168,7 +168,7 @@ def test_bad_inputs_raise():
 def test_unet_for_gives_a_valid_net(size, mults, attention):
     kwargs = unet_for(size, 3)
     assert (kwargs["channel_mults"], kwargs["attention_resolutions"]) == (mults, attention)
-    assert kwargs["base_channels"] == (32 if size == 8 else 64)
+    assert kwargs["base_channels"] == (32 if size <= 32 else 64)
     net = UNet(**kwargs).float()
     with torch.no_grad():
         out = net(torch.randn(1, 3, size, size, dtype=torch.float32), torch.tensor([5]))
