@@ -591,7 +591,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="image data: the Fréchet distance and precision/recall of N samples of "
                          "each run against N test images (default 0: none)")
     co.add_argument("--metric-samples", type=_nonnegative_int, default=None,
-                    help="model samples for the sample metrics (default: 1000, images 256; 0: none)")
+                    help="model samples for the energy distance and sliced W2 to held-out "
+                         "points (default: 1000; images 0, as each sample costs T network "
+                         "passes: --fid-samples is the image metric)")
     co.add_argument("--no-figures", action="store_true", help="write no figures")
     co.add_argument("--resume", action="store_true",
                     help="reuse finished runs in --out and continue unfinished ones")
@@ -1008,8 +1010,9 @@ def cmd_compare(args) -> int:
                         "option and in --grid; give each option one way")
     axes = {"objective": args.objectives, "variance": args.variances} | grid
     image = is_image_data(base.data)
-    # sampling images costs T U-Net passes per batch: fewer samples by default
-    metric = args.metric_samples if args.metric_samples is not None else (256 if image else 1000)
+    # an image sample costs T U-Net passes, and the energy distance between images says little:
+    # none by default, as in pdiff evaluate (--fid-samples is the image metric)
+    metric = args.metric_samples if args.metric_samples is not None else (0 if image else 1000)
     spec = GridSpec(base, axes, tuple(range(args.seeds)), eval_samples=args.eval_samples,
                     metric_samples=metric, exclude=_grid_exclusions(args.exclude, axes),
                     likelihoods=args.likelihood, fid_samples=args.fid_samples)

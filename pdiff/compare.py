@@ -33,7 +33,8 @@ import torch
 
 from . import distributed
 from .data import entropy_mc, get_toy, has_exact_density, toy_split
-from .evaluation import LIKELIHOODS, CastNet, bound_report, nonfinite_fields, other_likelihoods
+from .evaluation import (LIKELIHOODS, CastNet, bound_report, default_memory_budget, nonfinite_fields,
+                         other_likelihoods, pair_bytes)
 from .metrics import energy_distance, sliced_wasserstein
 from .run_data import is_image_data, load_run_data, test_points
 from .runtime import allocator_tuned
@@ -68,7 +69,7 @@ def _writing(path: Path):
 # -- one run ---------------------------------------------------------------------------------------
 
 def draw_samples(run: Run, num: int, *, seed: int = 0, sampling_timesteps: int | None = None,
-                 chunk: int = 10_000, labels: torch.Tensor | None = None,
+                 chunk: int | None = None, labels: torch.Tensor | None = None,
                  guidance: float = 0.0, sampler: str = "ddpm",
                  eta: float | None = None, clip_denoised: bool = False,
                  sampling_variance: str | None = None, sampling_schedule: str | None = None,
@@ -89,7 +90,11 @@ def draw_samples(run: Run, num: int, *, seed: int = 0, sampling_timesteps: int |
     (``ReverseProcess.with_variance``); ``sampling_schedule``: the chain of that named schedule with
     ``sampling_timesteps`` (or T) steps, each fed to the network as its training step of nearest
     log-SNR (``ReverseProcess.with_schedule``), in place of the respaced one;
-    ``noiseless_last_step``: x_0 is the decoder's mean, not a draw (ancestral sampling)."""
+    ``noiseless_last_step``: x_0 is the decoder's mean, not a draw (ancestral sampling).
+
+    The chains run ``chunk`` at a time, by default as many as the default memory budget holds
+    (``evaluation.default_memory_budget`` over the network's activations per sample, measured by
+    a dry run): the samples depend on the chunk, not on anything else."""
     from .nets import GuidedNet
 
     eta = check_sampler(sampler, eta)
@@ -126,6 +131,11 @@ def draw_samples(run: Run, num: int, *, seed: int = 0, sampling_timesteps: int |
     elif sampling_timesteps is not None and sampling_timesteps != model.num_timesteps:
         model = model.respaced(spaced_steps(model.num_timesteps, sampling_timesteps))
     device = run.device
+    if chunk is None:
+        like = torch.zeros((1,) + tuple(run.event_shape), device=device, dtype=torch.float32)
+        chunk = max(1, default_memory_budget(device) // pair_bytes(model, like))
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1 sample, got {chunk}")
     gen = torch.Generator(device=device).manual_seed(seed)
     parts = []
     for start in range(0, num, chunk):

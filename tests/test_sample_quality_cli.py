@@ -42,9 +42,10 @@ def test_compare_puts_the_fid_beside_the_bound(tmp_path, capsys, cache):
     out = tmp_path / "cmp"
     assert main(["compare", *[a for a in UNET if a != "--no-progress"], "--objectives", "simple",
                  "--variances", "fixed_small", "--seeds", "1", "--eval-samples", "2",
-                 "--metric-samples", "0", "--fid-samples", "30", "--no-figures", "--jobs", "1",
-                 "--out", str(out)]) == 0
+                 "--fid-samples", "30", "--no-figures", "--jobs", "1", "--out", str(out)]) == 0
     table = capsys.readouterr().out
     assert "FID" in table and "precision" in table
     doc = json.loads((out / "results.json").read_text())
     assert doc["summary"][0]["fid"] == pytest.approx(doc["runs"][0]["eval"]["fid"])
+    # images draw no samples for the energy distance by default (T network passes each)
+    assert "energy_distance" not in doc["runs"][0]["eval"]

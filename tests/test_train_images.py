@@ -290,3 +290,26 @@ def test_a_run_saved_at_the_older_default_width_loads_and_resumes_at_it(tmp_path
     Trainer(tiny(image_size=20, channels=0, iterations=3, checkpoint_every=3), new).train(progress=False)
     assert read_checkpoint(new / CHECKPOINT)["base_channels"] == 32
     assert load_run(new).model.net.down[0][0].out_channels == 32
+
+
+def test_draw_samples_chunks_image_chains_by_the_memory_budget(digits_run, monkeypatch):
+    """By default the chains run as many at a time as the memory budget holds for the network's
+    activations, not a fixed count: a budget of three samples' worth sends at most three."""
+    import pdiff.compare
+    from pdiff.compare import draw_samples
+    from pdiff.evaluation import pair_bytes
+
+    run = load_run(digits_run)
+    per_sample = pair_bytes(run.model, torch.zeros((1,) + tuple(run.event_shape), dtype=torch.float32))
+    monkeypatch.setattr(pdiff.compare, "default_memory_budget", lambda device: 3 * per_sample + 1)
+    batches = []
+    hook = run.model.net.register_forward_hook(lambda m, inputs, out: batches.append(len(inputs[0])))
+    try:
+        x = draw_samples(run, 7, seed=0)
+    finally:
+        hook.remove()
+    assert batches[0] == 1  # the dry run that measures a sample's activations
+    chains = batches[1:]
+    assert x.shape == (7, 1, 8, 8) and max(chains) == 3 and sum(chains) == 7 * run.model.num_timesteps
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        draw_samples(run, 2, chunk=0)
