@@ -161,7 +161,8 @@ ORACLE_DEFAULTS = {"denoiser": "oracle", "schedule": "cosine", "timesteps": 1000
                    "variance": "fixed_large", "decoder_variance": "beta1", "rescale": "none"}
 ORACLE_OPTIONS = ("data", "denoiser", "schedule", "timesteps", "betas", "variance",
                   "decoder_variance", "rescale")
-CHECKPOINT_OPTIONS = ("metric_samples", "data_dir", "clip_denoised", "fid_samples")
+CHECKPOINT_OPTIONS = ("metric_samples", "data_dir", "clip_denoised", "fid_samples",
+                      "fid_sampling_timesteps")
 ODE_OPTIONS = ("rtol", "atol", "probes", "divergence", "u_start")
 DEFAULT_CONTINUOUS_SAMPLES = 16
 DEFAULT_EVAL_SAMPLES = 4000
@@ -301,6 +302,13 @@ def _evaluate_checkpoint(args) -> int:
     if args.fid_samples and not image:
         raise UserError(f"--fid-samples measures image samples; {cfg.data} is vector data (its "
                         "sample metrics are --metric-samples)")
+    fid_steps = args.fid_sampling_timesteps
+    if fid_steps is not None:
+        if not args.fid_samples:
+            raise UserError("--fid-sampling-timesteps applies to the samples of --fid-samples N")
+        if not 1 <= fid_steps <= cfg.timesteps:
+            raise UserError(f"--fid-sampling-timesteps must be in 1..{cfg.timesteps} (the run's "
+                            f"T), got {fid_steps}")
     _check_bound_options(args, cfg.timesteps)
     report = evaluate_run(run, samples=samples, seed=args.seed, metric_samples=metric,
                           entropy_samples=args.entropy_samples, chunk_size=args.chunk_size,
@@ -308,7 +316,7 @@ def _evaluate_checkpoint(args) -> int:
                           sampling_timesteps=args.sampling_timesteps,
                           clip_denoised=bool(args.clip_denoised),
                           progress=not args.no_progress, x=x, likelihoods=args.likelihood,
-                          fid_samples=args.fid_samples or 0,
+                          fid_samples=args.fid_samples or 0, fid_sampling_timesteps=fid_steps,
                           continuous_samples=args.continuous_samples or DEFAULT_CONTINUOUS_SAMPLES,
                           ode_options=_ode_options(args))
     report.pop("_samples", None)
@@ -491,6 +499,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "(with --sampling-timesteps K steps if given) against N test images, on "
                          "the features of a classifier pdiff trains once on the training split "
                          "and caches beside the data (default 0: none)")
+    ev.add_argument("--fid-sampling-timesteps", type=_positive_int, default=None, metavar="K",
+                    help="draw the --fid-samples on K evenly spaced steps of T, whatever chain "
+                         "the bound is of (default: --sampling-timesteps, or T): the bound at T "
+                         "beside samples of fewer steps in one call")
     ev.add_argument("--metric-samples", type=_nonnegative_int, default=None,
                     help="with --checkpoint: model samples for the energy distance and sliced W2 "
                     "to held-out test points (default: 2000 or the test split; images 0, as each "

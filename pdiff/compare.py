@@ -161,7 +161,8 @@ def evaluate_run(run: Run, *, samples: int = 4000, seed: int = 0, metric_samples
                  sampling_timesteps: int | None = None, clip_denoised: bool = False,
                  progress: bool = False, x: torch.Tensor | None = None,
                  likelihoods: tuple[str, ...] = (), continuous_samples: int = 16,
-                 ode_options: dict | None = None, fid_samples: int = 0) -> dict:
+                 ode_options: dict | None = None, fid_samples: int = 0,
+                 fid_sampling_timesteps: int | None = None) -> dict:
     """The run's bound on the first ``samples`` points of its test split (or on ``x``, in data
     units), as ``BoundReport.to_dict()``; with ``metric_samples`` > 0 also the energy distance and
     sliced Wasserstein-2 distance between that many model samples and as many test points.
@@ -173,7 +174,8 @@ def evaluate_run(run: Run, *, samples: int = 4000, seed: int = 0, metric_samples
     ``continuous``, the continuous-time bound from ``continuous_samples`` log-SNR draws per point;
     ``ode``, the probability-flow ODE with ``ode_options``), each under its name. ``fid_samples``
     > 0 (images): the Fréchet distance, precision and recall of that many samples against the test
-    images (``image_sample_quality``).
+    images (``image_sample_quality``), drawn on ``fid_sampling_timesteps`` steps (default: those of
+    the bound's chain).
 
     The gap to the entropy is the paired estimate over the test points (``BoundReport``). Under
     ``torchrun`` every rank calls it: the bound is sharded over the ranks (``bound_report``) and the
@@ -225,7 +227,7 @@ def evaluate_run(run: Run, *, samples: int = 4000, seed: int = 0, metric_samples
         report |= sample_metrics(run, metric_samples, seed=seed)
     if fid_samples > 0 and distributed.is_main():
         report |= image_sample_quality(run, fid_samples, seed=seed,
-                                       sampling_timesteps=sampling_timesteps)
+                                       sampling_timesteps=fid_sampling_timesteps or sampling_timesteps)
     return report
 
 

@@ -27,6 +27,16 @@ def test_evaluate_reports_the_fid_with_its_features(tmp_path, capsys, cache):
     assert r["fid_samples"] == 40 and r["fid_sampling_timesteps"] == 5
     assert "trained on digits" in r["fid_features"] and "test accuracy" in r["fid_features"]
     assert list(cache.glob("feature_net_digits_*.pt"))  # trained once, cached
+    # the bound of the run's own T-step chain beside samples of fewer steps, in one call
+    assert main(["evaluate", "--checkpoint", str(out), "--samples", "2", "--fid-samples", "40",
+                 "--fid-sampling-timesteps", "4", "--json", "--no-progress"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["fid_sampling_timesteps"] == 4 and r["sampling_timesteps"] is None
+    assert main(["evaluate", "--checkpoint", str(out), "--fid-sampling-timesteps", "4"]) == 2
+    assert "applies to the samples of --fid-samples" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", str(out), "--fid-samples", "4",
+                 "--fid-sampling-timesteps", "21"]) == 2
+    assert "must be in 1..20" in capsys.readouterr().err
 
 
 def test_the_fid_is_refused_for_vectors(tmp_path, capsys):
