@@ -101,6 +101,9 @@ class Settings:
     mnist_training_repeats: int = 21
     profile_threads: tuple[int, ...] = (1, 2)
     profile_steps: int = 3
+    # the default U-Net's training speed against the same U-Net at the width of the old default
+    width_baseline: int = 64
+    width_repeats: int = 7
 
 
 QUICK = Settings(repeats=1, training_repeats=1, slow_training_repeats=1, timesteps=20,
@@ -109,7 +112,7 @@ QUICK = Settings(repeats=1, training_repeats=1, slow_training_repeats=1, timeste
                  growth_timesteps=(10, 20), growth_examples=(1, 2), growth_dims=(1, 2),
                  growth_n=2, growth_repeats=1, cuda_batch=4, cuda_examples=1, cuda_repeats=2,
                  mnist_size=8, mnist_batch=2, mnist_segment=1, mnist_training_repeats=1,
-                 profile_threads=(1,), profile_steps=1)
+                 profile_threads=(1,), profile_steps=1, width_baseline=16, width_repeats=1)
 
 
 # -- timing ------------------------------------------------------------------------------------
@@ -370,6 +373,15 @@ def bench_profile(s: Settings, device, root: Path, mnist_dir: str | None = None)
             out["runs"].append({"threads": threads, **profile_steps(trainer, s.profile_steps)})
     finally:
         torch.set_num_threads(before)
+    # the default width against the old default's: what the default buys in images/s
+    wide_cfg = replace(cfg, channels=s.width_baseline, iterations=10**9)
+    wide = TrainerSegments(_trainer(wide_cfg, root, "profile-wide"), s.mnist_segment)
+    result = trainer_vs(replace(cfg, iterations=10**9), root, "profile", s.mnist_segment, wide,
+                        repeats=s.width_repeats, device=device, trainer=trainer)
+    out["width"] = {"baseline_channels": s.width_baseline, "ratio": result["ratio"],
+                    "ci": result["ratio_ci"], "images_per_s": cfg.batch_size / result["seconds"],
+                    "baseline_images_per_s": cfg.batch_size / result["baseline_seconds"],
+                    "threads": torch.get_num_threads()}
     return out
 
 
@@ -556,6 +568,14 @@ def _profile_markdown(p: dict) -> list[str]:
               "between ops and the profiler's own cost. Other jobs on the machine add time to "
               "every component (see the load average above), and to the small ops most at more "
               "than one thread, whose threads wait for each other.", ""]
+    if "width" in p:
+        w = p["width"]
+        lines += [f"The default width against {w['baseline_channels']}, the default before (same "
+                  f"trainer and batch, {plural(w['threads'], 'thread')}, alternating calls): "
+                  f"{w['images_per_s']:.3g} against {w['baseline_images_per_s']:.3g} images/s, "
+                  f"a step-time ratio of {w['ratio']:.3f} ({w['ci'][0]:.3f}–{w['ci'][1]:.3f}). "
+                  "Width and depth are on the command line (`--channels`, `--channel-mults`, "
+                  "`--num-res-blocks`).", ""]
     return lines
 
 

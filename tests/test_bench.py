@@ -39,6 +39,11 @@ def test_quick_run_writes_every_section(tmp_path):
         assert list(run["components"]) == list(bench_profile.COMPONENTS)
         assert all(v >= 0 for v in run["components"].values())
         assert run["components"]["convolution"] > 0 and run["wall_seconds"] > 0
+    width = profile["width"]  # the default width against the old default's, in one run
+    assert width["baseline_channels"] == bench.QUICK.width_baseline
+    assert width["images_per_s"] > 0 and width["baseline_images_per_s"] > 0
+    assert width["ci"][0] <= width["ratio"] <= width["ci"][1]
+    assert "the default before" in out_md.read_text()
     assert [r["estimator"] for r in sections["pyro"]] == ["trajectory", "vlb"]
     for name in ("full_bound", "training", "pyro"):
         _timings(sections[name])
