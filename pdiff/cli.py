@@ -412,7 +412,8 @@ def _summary(r: dict, cfg: dict) -> str:
     if "fid" in r:
         lines.append(f"  sample quality:      FID {r['fid']:.2f}, precision {r['sample_precision']:.3f}, "
                      f"recall {r['sample_recall']:.3f} ({r['fid_samples']} samples of "
-                     f"{r['fid_sampling_timesteps']} steps; features: {r['fid_features']})")
+                     f"{r['fid_sampling_timesteps']} steps; FID of as many training images: "
+                     f"{r['fid_floor']:.2f}; features: {r['fid_features']})")
     if "energy_distance" in r:
         lines.append(f"  samples vs held-out: energy distance {r['energy_distance']:.4f}, sliced "
                      f"W2 {r['sliced_wasserstein']:.4f} ({r['metric_samples']} points each)")

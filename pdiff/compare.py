@@ -238,7 +238,8 @@ def image_sample_quality(run: Run, num: int, *, seed: int = 0,
     the features of the classifier pdiff trains once on the dataset's training split and caches
     beside its files (``feature_net.feature_net_for``); ``fid_features`` names that classifier
     (its recipe and test accuracy), so the number is recorded with the features it was measured
-    on."""
+    on. ``fid_floor`` is the FID of ``num`` training images against the same test images: what a
+    model whose samples were the data would score at this sample size."""
     from .data import load_images
     from .feature_net import feature_net_for
     from .sample_quality import sample_quality
@@ -250,9 +251,14 @@ def image_sample_quality(run: Run, num: int, *, seed: int = 0,
     num = min(num, len(data.test))
     net = feature_net_for(cfg.data, cfg.data_dir, data=data)
     fake = draw_samples(run, num, seed=seed + 29, sampling_timesteps=sampling_timesteps)
-    q = sample_quality(fake, data.test[:num].double(), net)
+    real = data.test[:num].double()
+    q = sample_quality(fake, real, net)
+    # the same number of training images in place of the samples: the FID a perfect model would
+    # get at this N (the Fréchet distance of finite samples is biased upwards, more so for small N)
+    pick = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))[:num]
+    floor = sample_quality(data.train[pick].double(), real, net)
     return {"fid": q["fid"], "sample_precision": q["precision"], "sample_recall": q["recall"],
-            "fid_samples": num, "fid_features": q["features"],
+            "fid_samples": num, "fid_features": q["features"], "fid_floor": floor["fid"],
             "fid_sampling_timesteps": sampling_timesteps or cfg.timesteps}
 
 

@@ -25,6 +25,8 @@ def test_evaluate_reports_the_fid_with_its_features(tmp_path, capsys, cache):
     r = json.loads(capsys.readouterr().out)
     assert r["fid"] > 0 and 0 <= r["sample_precision"] <= 1 and 0 <= r["sample_recall"] <= 1
     assert r["fid_samples"] == 40 and r["fid_sampling_timesteps"] == 5
+    # beside it, training images in place of the samples: a 3-step model is far above that floor
+    assert 0 < r["fid_floor"] < r["fid"]
     assert "trained on digits" in r["fid_features"] and "test accuracy" in r["fid_features"]
     assert list(cache.glob("feature_net_digits_*.pt"))  # trained once, cached
     # the bound of the run's own T-step chain beside samples of fewer steps, in one call
