@@ -3,14 +3,18 @@ ten-step chain a good density model.
 
 Reproduces the tutorial's setting: scikit-learn's ``make_moons(noise=0.1)`` (data ``sklearn_moons``)
 scaled to [-1, 1] (``rescale minmax``; bounds are reported in the data's own units), T = 10 with
-the polynomial schedule of Hoogeboom et al. (power 2). With so few steps the reverse variance
-matters: the grid crosses the objective (vlb, hybrid) with the variance (fixed_small, fixed_large,
-learned_range), three seeds each. With a fixed variance the hybrid loss trains exactly as L_simple
-(its bound term has no gradient: the mean is detached inside it and the variance is fixed), so the
-hybrid rows with fixed variances are Ho et al.'s L_simple runs.
+the polynomial schedule of Hoogeboom et al. (power 2), and an MLP that sees t one-hot over 0..T
+through a linear layer (``embedding onehot``), as the tutorial does. With so few steps the reverse
+variance matters: the grid crosses the objective (vlb, hybrid) with the variance (fixed_small,
+fixed_large, learned_range), three seeds each. With a fixed variance the hybrid loss trains exactly
+as L_simple (its bound term has no gradient: the mean is detached inside it and the variance is
+fixed), so the hybrid rows with fixed variances are Ho et al.'s L_simple runs.
 
-Run from the repository root (about 3 minutes on 2 idle CPU cores, 7 measured on a shared machine;
-see experiments/README.md)::
+Figures (``figures/`` in ``--out``) include the reverse-trajectory animation of each cell's first
+seed, ``reverse_<objective>-<variance>.gif``.
+
+Run from the repository root (about 4 minutes on 2 idle CPU cores; 21 measured with ``--jobs 1``
+on one core of a shared machine, 7 of them CPU minutes; see experiments/README.md)::
 
     python experiments/moons_polynomial.py --out runs/moons_polynomial
     python experiments/moons_polynomial.py --quick --out /tmp/moons  # smoke run
@@ -31,9 +35,10 @@ NAME = "moons_polynomial"
 
 
 def spec(quick: bool = False) -> GridSpec:
-    """The grid: objective x variance x 3 seeds on the moons, T = 10, polynomial schedule."""
+    """The grid: objective x variance x 3 seeds on the moons in [-1, 1], T = 10, polynomial
+    schedule, one-hot time embedding."""
     base = TrainConfig(data="sklearn_moons", rescale="minmax", timesteps=10, schedule="polynomial",
-                       embedding="sinusoidal", iterations=3000, batch_size=256, train_size=20_000,
+                       embedding="onehot", iterations=3000, batch_size=256, train_size=20_000,
                        test_size=2000)
     full = GridSpec(base=base,
                     axes={"objective": ("vlb", "hybrid"),

@@ -804,15 +804,28 @@ def _strict(obj):
 
 # -- figures ---------------------------------------------------------------------------------------
 
+def _first_schedule(spec: GridSpec):
+    """(schedule, name, T) of the grid's first cell: its schedule, T and endpoints, or the betas
+    of its ``--betas`` file."""
+    from .data.arrays import load_betas
+    from .schedules import NoiseSchedule, make_schedule
+
+    cfg = replace(spec.base, **spec.cells()[0])
+    if cfg.betas:
+        return NoiseSchedule.from_betas(load_betas(cfg.betas), warn=False), "custom", cfg.timesteps
+    return (make_schedule(cfg.schedule, cfg.timesteps, warn=False, **cfg.schedule_options()),
+            cfg.schedule, cfg.timesteps)
+
+
 def comparison_figures(out: str | Path, spec: GridSpec, records: list[dict], rows: list[dict], *,
                        seed: int = 0) -> list[Path]:
     """The tutorials' figures for a finished grid, into ``out/figures``: the data, the schedule,
     the forward diffusion (PNG and GIF), the per-t bound terms of every cell on
-    one plot, loss curves per objective, every model's samples against the data, and for the run
+    one plot, loss curves per objective, every model's samples against the data, for 2D data the
+    reverse chains of each cell's first seed as a GIF (``reverse_<cell>.gif``), and for the run
     with the lowest bound its predicted against true noise, reverse chains and noise field."""
     from . import figures as F
     from .data import fit_rescaling
-    from .schedules import make_schedule
 
     fig_dir = Path(out) / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -827,9 +840,7 @@ def comparison_figures(out: str | Path, spec: GridSpec, records: list[dict], row
     rescaling = fit_rescaling(base.rescale, data, dim)
     x0 = rescaling.apply(train.double())
     # the schedule figures show the first schedule of the grid (or the base one)
-    sched_name = spec.axes.get("schedule", (base.schedule,))[0]
-    T = spec.axes.get("timesteps", (base.timesteps,))[0]
-    schedule = make_schedule(sched_name, T)
+    schedule, sched_name, T = _first_schedule(spec)
     made = [F.plot_data(train, fig_dir / "data.png", title=f"{base.data}: training data", density=density),
             F.plot_schedule(schedule, fig_dir / "schedule.png", title=f"{sched_name} schedule, T = {T}"),
             F.plot_forward_diffusion(schedule, x0[:1000], fig_dir / "forward.png", generator=gen()),
@@ -850,6 +861,13 @@ def comparison_figures(out: str | Path, spec: GridSpec, records: list[dict], row
         made.append(F.plot_samples_grid(samples, test, fig_dir / "samples.png", density=density,
                                         title=f"{base.data}: samples of each model (seed "
                                               f"{spec.seeds[0]}) against held-out data"))
+    if dim == 2:  # the reverse chains of each cell's first seed, x_T to x_0 over the test data
+        for r in first_seed:
+            if r.get("status") == "ok":
+                run = load_run(r["run_dir"])
+                xs = run.rescaling.apply(test.double()).float()
+                name = "reverse_" + "-".join(str(v) for v in r["cell"].values()) + ".gif"
+                made.append(F.animate_reverse(run.model, xs[:1000], fig_dir / name, generator=gen()))
     best = min(ok_rows, key=lambda r: r["nll_nats"], default=None)
     if best is not None:
         rec = next((r for r in records if r["cell"] == best["cell"] and r.get("status") == "ok"), None)
@@ -894,17 +912,15 @@ def _image_comparison_figures(fig_dir: Path, spec: GridSpec, records: list[dict]
     curves, every model's samples, and for the run with the lowest bound its denoising
     progression and its x_0 predicted from x_t at several t."""
     from . import image_figures as IF
-    from .schedules import make_schedule
 
     base = spec.base
     gen = lambda: torch.Generator().manual_seed(seed)  # noqa: E731
     data = load_run_data(base, train=False)
     K, test = data.num_levels, data.test
-    sched_name = spec.axes.get("schedule", (base.schedule,))[0]
-    T = spec.axes.get("timesteps", (base.timesteps,))[0]
+    schedule, sched_name, T = _first_schedule(spec)
     made = [IF.plot_image_grid(test[:64], fig_dir / "data.png", num_levels=K,
                                title=f"{base.data}: test images"),
-            IF.plot_forward_images(make_schedule(sched_name, T), test[:4], fig_dir / "forward.png",
+            IF.plot_forward_images(schedule, test[:4], fig_dir / "forward.png",
                                    num_levels=K, generator=gen(),
                                    title=f"forward diffusion q(x_t | x_0), {sched_name}, T = {T}")]
     ok_rows = [r for r in rows if r["ok"]]

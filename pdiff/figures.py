@@ -381,6 +381,55 @@ def plot_reverse(model: ReverseProcess, data_x: torch.Tensor, path: str | Path, 
     return Path(path)
 
 
+@torch.no_grad()
+def animate_reverse(model: ReverseProcess, data_x: torch.Tensor, path_gif: str | Path, *,
+                    num: int = 1000, frames: int = 40, fps: int = 10,
+                    generator: torch.Generator | None = None) -> Path:
+    """An animated GIF of ``num`` ancestral samples (``ancestral_sample``) going from x_T to x_0 in
+    ``frames`` evenly spaced steps (at most T + 1), the data ``data_x`` faintly behind them: a
+    scatter plot (2D) or a histogram of x_t over the data's (1D), each frame labelled with its t.
+    The axes are fixed, holding the data and all but the outermost 0.1% of the samples'
+    coordinates: near t = T an eps-predicting model can throw a few points far out (its x_0 is off
+    by the noise's error times sqrt((1 - alpha_bar_t) / alpha_bar_t)), and they would shrink
+    every other frame."""
+    dim, T = _points(data_x, "animate_reverse"), model.num_timesteps
+    out = ancestral_sample(model, (num, dim), generator=generator, device=data_x.device,
+                           dtype=data_x.dtype, return_trajectory=True)
+    traj, data = _np(out.trajectory), _np(data_x)  # traj: (T + 1, num, D), index t holds x_t
+    steps = _steps(None, T, max(frames, 2), low=0)[::-1]  # T first, 0 last
+    lim = _limits(data, np.quantile(np.abs(traj[steps]), 0.999, keepdims=True))
+    with _style():
+        fig = Figure(figsize=(5, 4) if dim == 1 else (5, 5), layout="constrained")
+        ax = fig.subplots()
+        if dim == 1:
+            edges = np.linspace(*lim, 61)
+            heights = [np.histogram(traj[s, :, 0], edges, density=True)[0] for s in steps]
+            data_hist = np.histogram(data[:, 0], edges, density=True)[0]
+            ax.stairs(data_hist, edges, fill=True, color="0.8", label=f"data (n = {len(data)})")
+            bars = ax.stairs(heights[0], edges, fill=True, alpha=0.6, color="C3",
+                             label=f"samples $x_t$ (n = {num})")
+            ax.set(xlim=lim, ylim=(0, 1.05 * max(data_hist.max(), *(h.max() for h in heights))),
+                   xlabel="$x_t$", ylabel="density")
+        else:
+            _scatter(ax, data, lim, color="0.75", alpha=0.3, label=f"data (n = {len(data)})")
+            points = ax.scatter(traj[steps[0], :, 0], traj[steps[0], :, 1], s=4, alpha=0.6,
+                                linewidths=0, color="C3", label=f"samples $x_t$ (n = {num})")
+        _legend_below(fig)
+
+        def draw(k: int) -> None:
+            if dim == 1:
+                bars.set_data(heights[k])
+            else:
+                points.set_offsets(traj[steps[k]])
+            ax.set_title(rf"reverse process $p_\theta$, t = {steps[k]} of {T}")
+
+        animation = FuncAnimation(fig, draw, frames=len(steps))
+        atomic_write(path_gif, lambda tmp: animation.save(tmp, writer=PillowWriter(fps=fps),
+                                                          dpi=80),
+                     suffix=Path(path_gif).suffix, make_parents=True)
+    return Path(path_gif)
+
+
 def plot_samples_grid(samples_by_label: Mapping[str, torch.Tensor], data_x: torch.Tensor,
                       path: str | Path, *, ncols: int = 3, bins: int = 60,
                       density: Callable[[torch.Tensor], torch.Tensor] | None = None,

@@ -541,3 +541,17 @@ def test_compare_grid_over_predictions_with_v(tmp_path, capsys):
     assert [r["cell"]["prediction"] for r in doc["runs"]] == ["eps", "v"]
     assert all(r["status"] == "ok" and math.isfinite(r["eval"]["nll_nats"]) for r in doc["runs"])
     assert load_run(out / "runs" / doc["runs"][1]["name"]).model.prediction == "v"
+
+
+def test_the_schedule_figures_show_the_first_cells_own_schedule():
+    """The comparison's schedule figures are drawn from the first cell's schedule, T and
+    endpoints (not the schedule's defaults)."""
+    from pdiff.compare import _first_schedule
+
+    spec = GridSpec(base=TrainConfig(data="clusters8", timesteps=250, beta_start=4e-4, beta_end=0.08),
+                    axes={"schedule": ("quadratic", "linear")}, seeds=(0,))
+    schedule, name, T = _first_schedule(spec)
+    assert (name, T) == ("quadratic", 250)
+    expected = make_schedule("quadratic", 250, beta_start=4e-4, beta_end=0.08)
+    torch.testing.assert_close(schedule.betas, expected.betas, rtol=0, atol=0)
+    assert schedule.betas[-1].item() == pytest.approx(0.08)

@@ -68,6 +68,49 @@ def test_noise_prediction_and_reverse(case, tmp_path):
                             generator=_gen()))
 
 
+def _frames(path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.n_frames
+
+
+@pytest.mark.parametrize("frames, expected", [(3, 3), (40, T + 1)])  # at most one per t = 0..T
+def test_animate_reverse(case, tmp_path, frames, expected):
+    _, x, model = case
+    path = F.animate_reverse(model, x.float(), tmp_path / "nested" / "reverse.gif", num=20,
+                             frames=frames, generator=_gen())
+    _written(path, GIF)
+    assert _frames(path) == expected
+    assert [p.name for p in path.parent.iterdir()] == ["reverse.gif"]  # no temporary file left
+
+
+def test_animate_reverse_writes_whole_or_not_at_all(case, tmp_path, monkeypatch):
+    """An error while the frames are drawn leaves the GIF that was there, and no partial file."""
+    _, x, model = case
+    path = F.animate_reverse(model, x.float(), tmp_path / "reverse.gif", num=20, frames=3,
+                             generator=_gen())
+    before = path.read_bytes()
+    grab = F.PillowWriter.grab_frame
+    calls = []
+
+    def failing_grab(self, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return grab(self, **kwargs)
+
+    monkeypatch.setattr(F.PillowWriter, "grab_frame", failing_grab)
+    with pytest.raises(OSError, match="disk full"):
+        F.animate_reverse(model, x.float(), path, num=20, frames=3, generator=_gen())
+    assert len(calls) == 2
+    assert path.read_bytes() == before
+    with pytest.raises(OSError, match="disk full"):
+        calls.clear()
+        F.animate_reverse(model, x.float(), tmp_path / "new.gif", num=20, frames=3)
+    assert [p.name for p in tmp_path.iterdir()] == ["reverse.gif"]
+
+
 @pytest.mark.parametrize("field", F.FIELDS)
 def test_noise_field(case, tmp_path, field):
     _, x, model = case
@@ -125,6 +168,7 @@ def test_three_dimensions_are_refused_where_they_cannot_be_drawn(case3d, schedul
         "animate_forward_diffusion": lambda: F.animate_forward_diffusion(schedule, x,
                                                                          tmp_path / "c.gif"),
         "plot_reverse": lambda: F.plot_reverse(model, x, tmp_path / "d.png", num=5),
+        "animate_reverse": lambda: F.animate_reverse(model, x, tmp_path / "g.gif", num=5),
         "plot_noise_field": lambda: F.plot_noise_field(model, tmp_path / "e.png", dim=3),
         "plot_samples_grid": lambda: F.plot_samples_grid({"model": x}, x, tmp_path / "f.png"),
     }
