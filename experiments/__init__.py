@@ -1,6 +1,8 @@
-"""Preset grids for the tutorial systems, one module per study, each run through
-``pdiff.compare.compare`` (see README.md here). Every module has ``spec(quick=False) -> GridSpec``
-and ``main(argv=None) -> int``; ``python -m experiments.NAME --help`` lists the options."""
+"""Preset studies of the tutorial systems, one module per study (see README.md here). A grid
+module has ``spec(quick=False) -> GridSpec``, run through ``pdiff.compare.compare``; a pipeline
+module (one model trained, then evaluated several ways: ``_pipeline.py``) has
+``config(quick=False) -> TrainConfig``. Every module has ``main(argv=None) -> int``;
+``python -m experiments.NAME --help`` lists the options."""
 
 # module name -> what it reproduces; tests/test_experiments.py smoke-runs every entry and fails
 # when a module here is missing from the list.
@@ -18,4 +20,10 @@ EXPERIMENTS = {
     "likelihoods_8gaussians": "8 Gaussians: the same objectives and three likelihood estimators",
     "likelihoods_digits": "8x8 digits in bits/dim: the same objectives and three likelihood "
                           "estimators (the ODE on dequantized digits)",
+    "woodblock_clipping": "a folder of woodblock-print-style images (a labelled stand-in built "
+                          "from the digits unless --data-dir): bound and samples with and "
+                          "without x_0 clipping",
+    "cifar10_guidance": "class-conditional CIFAR-10 (or digits, MNIST) with classifier-free "
+                        "guidance: FID, precision, recall and class accuracy per guidance scale, "
+                        "and DDIM / another schedule with fewer steps",
 }
