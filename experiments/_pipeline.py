@@ -21,22 +21,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from experiments._common import _positive_int as positive_int
 from pdiff.compare import machine_info
 from pdiff.files import atomic_write, atomic_write_text
 from pdiff.runtime import tune_allocator
 from pdiff.train import TrainConfig, Trainer, TrainingError
 
 RUN = "run"  # the trained run's directory inside --out
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 def check_out(out: Path, *, resume: bool, force: bool) -> Path:
