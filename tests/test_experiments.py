@@ -3,6 +3,7 @@ settings, and its full grid (or, for a pipeline experiment, its training) the se
 asks for. The image pipelines' numbers are checked against ranges in test_experiment_images.py."""
 import importlib
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import pdiff.compare
 from experiments import EXPERIMENTS
 from pdiff.run_data import is_image_data
 from pdiff.schedules import make_schedule
+from tests.stats import Z
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -67,6 +69,12 @@ def test_quick_run_finishes_every_run(name, tmp_path, capsys, cheap_entropy):
     out_text = capsys.readouterr().out
     image = is_image_data(experiment(name).spec(quick=True).base.data)
     assert ("bits/dim" if image else "nats") in out_text  # the table of the bound, in its units
+    for r in doc["runs"]:  # even a 20-step model's numbers obey the bound's properties
+        e = r["eval"]
+        if image:  # every term a KL or -log of a probability of the discrete data
+            assert 0 < e["bits_per_dim"] and math.isfinite(e["bits_per_dim"]), e
+        else:  # a bound on the model's NLL, whose mean is at least the data entropy
+            assert e["gap_nats"] >= -Z * e["gap_stderr"], e
 
 
 @pytest.mark.parametrize("name", sorted(PIPELINES))
