@@ -267,6 +267,23 @@ def plot_forward_diffusion(schedule: NoiseSchedule, x0: torch.Tensor, path: str 
     return Path(path)
 
 
+def _save_frames(fig, ax, path_gif, fps: int, steps, artist, frames, title) -> None:
+    """An animated GIF of ``fig``, written atomically: frame k shows ``frames[k]`` (1D: the
+    histogram heights of step ``steps[k]``, set on the ``stairs`` ``artist``) or
+    ``frames[steps[k]]`` (2D: the points of that step, on the scatter ``artist``), titled
+    ``title(steps[k])``."""
+    def draw(k: int) -> None:
+        if hasattr(artist, "set_offsets"):
+            artist.set_offsets(frames[steps[k]])
+        else:
+            artist.set_data(frames[k])
+        ax.set_title(title(steps[k]))
+
+    animation = FuncAnimation(fig, draw, frames=len(steps))
+    atomic_write(path_gif, lambda tmp: animation.save(tmp, writer=PillowWriter(fps=fps), dpi=80),
+                 suffix=Path(path_gif).suffix, make_parents=True)
+
+
 def animate_forward_diffusion(schedule: NoiseSchedule, x0: torch.Tensor, path_gif: str | Path, *,
                               frames: int = 40, fps: int = 10,
                               generator: torch.Generator | None = None) -> Path:
@@ -290,17 +307,9 @@ def animate_forward_diffusion(schedule: NoiseSchedule, x0: torch.Tensor, path_gi
             points = ax.scatter(traj[0, :, 0], traj[0, :, 1], s=4, alpha=0.5, linewidths=0)
             ax.set(xlim=lim, ylim=lim, aspect="equal", xlabel="$x_1$", ylabel="$x_2$")
 
-        def draw(k: int) -> None:
-            if dim == 1:
-                bars.set_data(heights[k])
-            else:
-                points.set_offsets(traj[steps[k]])
-            ax.set_title(f"forward process $q(x_t | x_0)$, t = {steps[k]} of {T}")
-
-        animation = FuncAnimation(fig, draw, frames=len(steps))
-        atomic_write(path_gif, lambda tmp: animation.save(tmp, writer=PillowWriter(fps=fps),
-                                                          dpi=80),
-                     suffix=Path(path_gif).suffix, make_parents=True)
+        _save_frames(fig, ax, path_gif, fps, steps, bars if dim == 1 else points,
+                     heights if dim == 1 else traj,
+                     lambda t: f"forward process $q(x_t | x_0)$, t = {t} of {T}")
     return Path(path_gif)
 
 
@@ -416,17 +425,9 @@ def animate_reverse(model: ReverseProcess, data_x: torch.Tensor, path_gif: str |
                                 linewidths=0, color="C3", label=f"samples $x_t$ (n = {num})")
         _legend_below(fig)
 
-        def draw(k: int) -> None:
-            if dim == 1:
-                bars.set_data(heights[k])
-            else:
-                points.set_offsets(traj[steps[k]])
-            ax.set_title(rf"reverse process $p_\theta$, t = {steps[k]} of {T}")
-
-        animation = FuncAnimation(fig, draw, frames=len(steps))
-        atomic_write(path_gif, lambda tmp: animation.save(tmp, writer=PillowWriter(fps=fps),
-                                                          dpi=80),
-                     suffix=Path(path_gif).suffix, make_parents=True)
+        _save_frames(fig, ax, path_gif, fps, steps, bars if dim == 1 else points,
+                     heights if dim == 1 else traj,
+                     lambda t: rf"reverse process $p_\theta$, t = {t} of {T}")
     return Path(path_gif)
 
 
